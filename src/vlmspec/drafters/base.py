@@ -1,0 +1,182 @@
+"""The drafter interface, the registry, and drafter checkpoints.
+
+A drafter proposes a tree of likely next tokens; it never decides what is emitted (verification does). Decode-time
+protocol, driven by the engine with explicit state objects:
+
+    state = drafter.begin(target, prefill, first_token)    # after the target's prefill
+    loop:
+        tree = drafter.propose(state, tree_config, sampling, generator)   # root = last verified token
+        ... target verifies, commits the accepted path ...
+        drafter.accept(state, tree, path, verified, bonus)  # path: accepted tree node indices, root first
+
+A drafter registers itself with `@register_drafter` under its type name with its config dataclass; the CLI, the
+checkpoint loader and the tests read the registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from vlmspec import __version__
+
+if TYPE_CHECKING:
+    from vlmspec.target import NodesOutput, PrefillOutput, Target
+    from vlmspec.tree import Tree, TreeConfig
+    from vlmspec.verify import SamplingConfig
+
+_REGISTRY: dict[str, type["Drafter"]] = {}
+
+
+@dataclass
+class DraftState:
+    """Per-generation drafter state; subclasses add their caches. `forwards` counts draft model forwards."""
+
+    forwards: int = 0
+
+
+def register_drafter(cls: type["Drafter"]) -> type["Drafter"]:
+    _REGISTRY[cls.drafter_type] = cls
+    return cls
+
+
+def available_drafters() -> list[str]:
+    """Registered drafter type names."""
+    import vlmspec.drafters  # noqa: F401  (importing the package registers the built-in drafters)
+
+    return sorted(_REGISTRY)
+
+
+def drafter_class(drafter_type: str) -> type["Drafter"]:
+    names = available_drafters()
+    if drafter_type not in _REGISTRY:
+        raise ValueError(f"unknown drafter type {drafter_type!r}; available: {', '.join(names)}")
+    return _REGISTRY[drafter_type]
+
+
+class Drafter(nn.Module):
+    """Base class. Subclasses set `drafter_type` and `config_class` (a frozen dataclass) and implement the protocol.
+
+    Target modules a drafter reuses (embeddings, lm_head) are reached through `self.target`, which is not a
+    submodule: they are neither trained nor saved with the drafter."""
+
+    drafter_type: ClassVar[str]
+    config_class: ClassVar[type]
+    trainable: ClassVar[bool] = True
+
+    def __init__(self, target: "Target", config: Any):
+        super().__init__()
+        self.config = config
+        self._target_ref = [target]   # a list keeps the target out of the module tree
+
+    @property
+    def target(self) -> "Target":
+        return self._target_ref[0]
+
+    def begin(self, target: "Target", prefill: "PrefillOutput", first_token: int) -> Any:
+        raise NotImplementedError
+
+    def propose(self, state: Any, tree_config: "TreeConfig", sampling: "SamplingConfig",
+                generator: torch.Generator | None) -> "Tree":
+        raise NotImplementedError
+
+    def accept(self, state: Any, tree: "Tree", path: list[int], verified: "NodesOutput", bonus: int) -> None:
+        raise NotImplementedError
+
+    def target_info(self) -> dict[str, Any]:
+        return {"architecture": self.target.architecture, "vocab_size": self.target.vocab_size,
+                "hidden_size": self.target.hidden_size, "fingerprint": self.target.fingerprint()}
+
+
+def build_drafter(drafter_type: str, target: "Target", seed: int = 0, **config: Any) -> Drafter:
+    """An untrained drafter of `drafter_type` for `target` (weights from `seed`, fp32 cast to the target's dtype)."""
+    cls = drafter_class(drafter_type)
+    names = {f.name for f in dataclasses.fields(cls.config_class)}
+    unknown = sorted(set(config) - names)
+    if unknown:
+        raise ValueError(f"unknown {drafter_type} option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    torch.manual_seed(seed)
+    drafter = cls(target, cls.config_class(**config))
+    return drafter.to(device=target.device, dtype=target.dtype).eval()
+
+
+def save_drafter(drafter: Drafter, directory: str | Path, tree: "TreeConfig | None" = None) -> Path:
+    """Write `model.safetensors` and `config.json` (type, config, target identity, recommended tree, version)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"drafter_type": drafter.drafter_type, "config": dataclasses.asdict(drafter.config),
+            "target": drafter.target_info(), "tree": tree.to_dict() if tree is not None else None,
+            "vlmspec_version": __version__}
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in drafter.state_dict().items()}
+    save_file(state, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def read_drafter_meta(directory: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{directory} is not a drafter checkpoint: {error}") from None
+    if "drafter_type" not in meta:
+        raise ValueError(f"{directory / 'config.json'} has no drafter_type: not a vlmspec drafter checkpoint")
+    return meta
+
+
+def load_drafter(name_or_dir: str | Path, target: "Target") -> Drafter:
+    """Load a checkpoint directory, or `testbed:<type>` (a shipped trained drafter)."""
+    from safetensors.torch import load_file
+
+    directory = resolve_drafter_path(name_or_dir)
+    meta = read_drafter_meta(directory)
+    cls = drafter_class(meta["drafter_type"])
+    expected = meta.get("target", {})
+    actual = {"architecture": target.architecture, "vocab_size": target.vocab_size, "hidden_size": target.hidden_size}
+    for key, value in actual.items():
+        if key in expected and expected[key] != value:
+            raise ValueError(f"drafter {directory} was trained for a target with {key}={expected[key]}, "
+                             f"but this target has {key}={value}")
+    if expected.get("fingerprint") not in (None, target.fingerprint()):
+        warnings.warn(f"drafter {directory} was trained on a different version of this target "
+                      "(fingerprint mismatch): it will stay lossless but may accept fewer tokens", stacklevel=2)
+    config = cls.config_class(**meta.get("config", {}))
+    drafter = cls(target, config)
+    if cls.trainable:
+        state = load_file(str(directory / "model.safetensors"))
+        missing, unexpected = drafter.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"drafter checkpoint {directory} does not match its config: missing {missing}, "
+                             f"unexpected {unexpected}")
+    return drafter.to(device=target.device, dtype=target.dtype).eval()
+
+
+def recommended_tree(name_or_dir: str | Path) -> "TreeConfig | None":
+    from vlmspec.tree import TreeConfig
+
+    tree = read_drafter_meta(resolve_drafter_path(name_or_dir)).get("tree")
+    return TreeConfig.from_dict(tree) if tree else None
+
+
+def resolve_drafter_path(name_or_dir: str | Path) -> Path:
+    """An existing path always means the path; `testbed:<type>` means the shipped drafter of that type."""
+    path = Path(name_or_dir)
+    if path.exists():
+        return path
+    text = str(name_or_dir)
+    if text.startswith("testbed:"):
+        from vlmspec.testbed import SHIPPED_DRAFTERS_DIR
+
+        shipped = SHIPPED_DRAFTERS_DIR / text.split(":", 1)[1]
+        if not (shipped / "config.json").is_file():
+            raise ValueError(f"no shipped drafter {text!r} (looked in {shipped})")
+        return shipped
+    raise ValueError(f"drafter {text!r} is not a checkpoint directory, a registered type or testbed:<type>")

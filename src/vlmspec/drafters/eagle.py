@@ -1,0 +1,113 @@
+"""EAGLE-2: one decoder layer over [token embedding ; target feature] predicts the next target feature; the
+target's lm_head turns features into draft logits; the tree is expanded dynamically (see `tree.TreeBuilder`).
+
+Alignment: the draft input at sequence position t is the pair (f_{t-1}, x_t) — the target's feature after token
+t-1 and token t — and its output approximates f_t, whose lm_head logits predict x_{t+1}. Image positions are
+treated like any other position (the text-only baseline of the image-aware designs).
+
+Decode state: the draft's own KV cache holds pairs whose features are the target's true features. Each step
+first runs the pairs verified since the last step (catch-up: (f_root, a_1), …, (f_{a_k}, bonus)), commits them,
+then drafts the tree as pending nodes fed with the draft's own predicted features; after verification the
+pending nodes are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from vlmspec.drafters.base import DraftState, Drafter, register_drafter
+from vlmspec.drafters.layers import DraftDecoder, draft_layer_config
+from vlmspec.pending import PendingNodes
+from vlmspec.target.cache import compact_cache
+from vlmspec.tree import Tree, TreeBuilder, TreeConfig
+from vlmspec.verify import SamplingConfig, warp_logits
+
+
+@dataclass(frozen=True)
+class EagleConfig:
+    feature_layer: int = -1        # which target hidden state is the feature (-1: the last, post-norm)
+    num_heads: int = 0             # 0: the target's
+    intermediate_size: int = 0     # 0: the target's
+
+
+@dataclass
+class FeatureDraftState(DraftState):
+    cache: object = None
+    length: int = 0                                    # committed pairs in the draft cache
+    pending: PendingNodes = field(default_factory=lambda: PendingNodes.empty(1))
+    tokens: list[int] = field(default_factory=list)   # verified tokens not yet in the draft cache …
+    features: Tensor | None = None                     # … and the target features before them [n, H]
+
+
+@register_drafter
+class EagleDrafter(Drafter):
+    drafter_type = "eagle"
+    config_class = EagleConfig
+
+    def __init__(self, target, config: EagleConfig):
+        super().__init__(target, config)
+        hidden = target.hidden_size
+        self.fc = nn.Linear(2 * hidden, hidden, bias=False)
+        self.decoder = DraftDecoder(draft_layer_config(target.text_config, config.num_heads, config.intermediate_size))
+
+    # ------------------------------------------------------------------ model
+    def forward(self, tokens: Tensor, features: Tensor, positions: Tensor, mask: Tensor | None,
+                cache=None) -> Tensor:
+        """tokens [B, n], features [B, n, H] (the target feature before each token) → predicted features [B, n, H]."""
+        embeddings = self.target.embed_tokens(tokens).to(features.dtype)       # [B, n, H]
+        return self.decoder(self.fc(torch.cat([embeddings, features], dim=-1)), positions, mask, cache)
+
+    def draft_logits(self, features: Tensor) -> Tensor:
+        return self.target.lm_head(features).float()                           # [..., V]
+
+    # ------------------------------------------------------------------ decoding
+    def begin(self, target, prefill, first_token: int) -> FeatureDraftState:
+        features = prefill.hidden_states[self.config.feature_layer][0]          # [S, H]
+        tokens = prefill.input_ids[0, 1:].tolist() + [first_token]
+        return FeatureDraftState(cache=self.decoder.new_cache(), tokens=tokens, features=features,
+                                 pending=PendingNodes.empty(1, features.device))
+
+    def _run_pending(self, state: FeatureDraftState, tokens: list[int], features: Tensor,
+                     parents: list[int]) -> Tensor:
+        """Feed pairs as pending nodes; returns predicted features [n, H]."""
+        device = features.device
+        token_tensor = torch.tensor([tokens], device=device)
+        depths = state.pending.add(token_tensor, torch.tensor([parents], device=device))
+        mask = state.pending.attention_mask(state.length, len(tokens), features.dtype)
+        state.forwards += 1
+        return self(token_tensor, features[None], state.length + depths, mask, state.cache)[0]
+
+    def propose(self, state: FeatureDraftState, tree_config: TreeConfig, sampling: SamplingConfig,
+                generator: torch.Generator | None) -> Tree:
+        count = len(state.tokens)
+        out = self._run_pending(state, state.tokens, state.features, [i - 1 for i in range(count)])
+        compact_cache(state.cache, state.length, list(range(count)))           # catch-up pairs are true: keep
+        state.length += count
+        state.pending.clear()
+        builder = TreeBuilder(tree_config, state.tokens[-1], generator=generator, sample=not sampling.greedy)
+        node_feature = {0: out[-1]}                                             # builder node → predicted feature
+        node_pending = {0: -1}                                                  # builder node → pending index
+        frontier = builder.frontier()
+        while frontier:
+            logits = self.draft_logits(torch.stack([node_feature[n] for n in frontier]))     # [F, V]
+            builder.expand(logits if sampling.greedy else warp_logits(logits, sampling))
+            frontier = builder.frontier()
+            if not frontier:
+                break
+            parents = [builder.parent(n) for n in frontier]
+            base = len(state.pending)
+            predicted = self._run_pending(state, [builder.token(n) for n in frontier],
+                                          torch.stack([node_feature[p] for p in parents]),
+                                          [node_pending[p] for p in parents])
+            for offset, node in enumerate(frontier):
+                node_feature[node], node_pending[node] = predicted[offset], base + offset
+        return builder.build()
+
+    def accept(self, state: FeatureDraftState, tree: Tree, path: list[int], verified, bonus: int) -> None:
+        compact_cache(state.cache, state.length, [])                           # drop the drafted nodes
+        state.pending.clear()
+        state.tokens = tree.tokens[0, path[1:]].tolist() + [bonus]
+        state.features = verified.hidden_states[self.config.feature_layer][0, path]          # [k+1, H]

@@ -1,0 +1,320 @@
+"""Deterministic procedural data for the testbed: benchmark suites and the training mixture.
+
+Sample `i` of suite `name` under seed `s` is drawn from `random.Random(f"{name}:{s}:{i}")`, so any sample can be
+regenerated alone. Seed ranges are disjoint by contract:
+
+- training uses seeds in `[0, EVAL_SEED_START)` (`train.build(seed=…)` draws its stream from `seed`);
+- evaluation uses seeds `>= EVAL_SEED_START` (`SUITE_DEFAULTS` and `write_suite` for benchmarks).
+
+Suites (default n, default seed): see `SUITE_DEFAULTS`. Short answers are the bare answer (exact match is
+meaningful); `describe` and the `story` part of `text_chat` are long and varied (T=1 samples differ).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlmspec.testbed import render
+from vlmspec.testbed.render import COLORS, POSITIONS, SHAPES, Obj, Rendered
+
+EVAL_SEED_START = 1_000_000
+SUITES = ("caption", "describe", "vqa", "ocr", "chart", "multi_image", "text_chat")
+# name -> (default n, default seed); all default seeds are evaluation seeds.
+SUITE_DEFAULTS: dict[str, tuple[int, int]] = {
+    "caption": (50, 1_000_001),
+    "describe": (20, 1_000_002),
+    "vqa": (100, 1_000_003),
+    "ocr": (50, 1_000_004),
+    "chart": (50, 1_000_005),
+    "multi_image": (30, 1_000_006),
+    "text_chat": (40, 1_000_007),
+}
+OCR_WORDS = (
+    "cat", "dog", "sun", "moon", "tree", "fish", "bird", "star", "book", "lamp",
+    "rain", "snow", "fire", "wind", "milk", "cake", "ship", "road", "frog", "bear",
+    "lion", "wolf", "rose", "leaf", "door", "key", "cup", "hat", "box", "pen",
+    "map", "egg", "bell", "coin", "drum", "kite", "ring", "sock", "vase", "yarn",
+)
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+@dataclass
+class Sample:
+    category: str
+    question: str  # user text; images come first in the user turn
+    answer: str
+    images: list[Rendered] = field(default_factory=list)
+
+    def messages(self) -> list[dict]:
+        content = [{"type": "image"} for _ in self.images] + [{"type": "text", "text": self.question}]
+        return [{"role": "user", "content": content}]
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _plural(shape: str, n: int) -> str:
+    return shape if n == 1 else shape + "s"
+
+
+def _scene_objects(rng: random.Random, k: int) -> list[Obj]:
+    """k objects in distinct cells with distinct (color, shape)."""
+    kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], k)
+    cells = rng.sample(range(9), k)
+    return [Obj(c, s, cell, rng.choice(("small", "large"))) for (c, s), cell in zip(kinds, cells)]
+
+
+def gen_vqa(rng: random.Random) -> Sample:
+    kind = rng.choice(("color", "shape", "position", "count"))
+    if kind == "count":
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        n = rng.randint(1, 5)
+        cells = rng.sample(range(9), n + rng.randint(0, min(2, 9 - n)))
+        objs = [Obj(color, shape, c, "small") for c in cells[:n]]
+        for c in cells[n:]:  # distractors of another kind
+            dc, ds = rng.choice([(c2, s2) for c2 in COLORS for s2 in SHAPES if (c2, s2) != (color, shape)])
+            objs.append(Obj(dc, ds, c, "small"))
+        q = rng.choice(("How many {c} {s} are there?", "Count the {c} {s}."))
+        return Sample("count", q.format(c=color, s=_plural(shape, 2)), str(n), [render.render_scene(objs, rng)])
+    objs = _scene_objects(rng, rng.randint(1, 3))
+    if kind == "color":
+        target = rng.choice(objs)
+        objs = [o for o in objs if o is target or o.shape != target.shape]
+        return Sample("color", f"What color is the {target.shape}?", target.color, [render.render_scene(objs, rng)])
+    if kind == "shape":
+        target = rng.choice(objs)
+        objs = [o for o in objs if o is target or o.color != target.color]
+        return Sample("shape", f"What shape is the {target.color} object?", target.shape,
+                      [render.render_scene(objs, rng)])
+    target = rng.choice(objs)
+    q = rng.choice(("Where is the {n}?", "Where is the {n} in the image?"))
+    return Sample("position", q.format(n=target.name), target.position, [render.render_scene(objs, rng)])
+
+
+def gen_ocr(rng: random.Random) -> Sample:
+    word = rng.choice(OCR_WORDS)
+    q = rng.choice(("What word is written in the image?", "Read the text in the image."))
+    return Sample("ocr", q, word, [render.render_word(word, rng)])
+
+
+def gen_chart(rng: random.Random) -> Sample:
+    colors = rng.sample(list(COLORS), rng.randint(3, 4))
+    values = [rng.randint(1, 7) for _ in colors]
+    image = render.render_chart(list(zip(colors, values)), rng)
+    if rng.random() < 0.7:
+        i = rng.randrange(len(colors))
+        return Sample("chart_value", f"What is the value of the {colors[i]} bar?", str(values[i]), [image])
+    top = max(values)
+    if values.count(top) > 1:  # make the tallest unique
+        i = values.index(top)
+        values[i] = min(7, top + 1) if top < 7 else top
+        for j in range(len(values)):
+            if j != i and values[j] == values[i]:
+                values[j] -= 1
+        image = render.render_chart(list(zip(colors, values)), rng)
+    return Sample("chart_max", "Which bar is the tallest?", colors[values.index(max(values))], [image])
+
+
+def gen_caption(rng: random.Random) -> Sample:
+    color, shape, n = rng.choice(list(COLORS)), rng.choice(SHAPES), rng.randint(1, 5)
+    size = rng.choice(("small", "large"))
+    objs = [Obj(color, shape, c, size) for c in rng.sample(range(9), n)]
+    count = _article(color) if n == 1 else NUMBER_WORDS[n]
+    q = rng.choice(("Write a short caption for the image.", "Caption this image."))
+    return Sample("caption", q, f"{count} {color} {_plural(shape, n)}", [render.render_scene(objs, rng)])
+
+
+def describe_objects(objs: list[Obj], rng: random.Random) -> str:
+    """A long description naming every object, varied in phrasing, order and detail."""
+    n = len(objs)
+    intro = rng.choice((
+        f"The image shows {NUMBER_WORDS[n]} shapes on a plain background.",
+        f"There are {NUMBER_WORDS[n]} objects in this picture.",
+        f"This picture contains {NUMBER_WORDS[n]} simple shapes.",
+        "The image is a simple drawing of a few colored shapes.",
+        "Here is what I can see in the image.",
+    ))
+    sentences = [intro]
+    order = list(objs)
+    rng.shuffle(order)
+    for i, o in enumerate(order):
+        size = f"{o.size} " if rng.random() < 0.6 else ""
+        a, where, what = _article(size or o.name), o.position, f"{size}{o.name}"
+        templates = [
+            f"In the {where} there is {a} {what}.",
+            f"{a.capitalize()} {what} sits in the {where}.",
+            f"The {where} holds {a} {what}.",
+            f"You can see {a} {what} in the {where}.",
+            f"There is {a} {what} in the {where} of the image.",
+        ]
+        if i > 0:
+            templates += [f"Next to it, in the {where}, is {a} {what}.", f"Also, {a} {what} is in the {where}."]
+        sentences.append(rng.choice(templates))
+    extras = [
+        "The background is plain and empty.",
+        "Nothing else is visible.",
+        "All of the shapes are drawn with flat colors.",
+        f"The {max(objs, key=lambda o: (o.size == 'large', o.name)).name} is the most visible shape.",
+        "The shapes do not overlap.",
+    ]
+    sentences += rng.sample(extras, rng.randint(0, 2))
+    return " ".join(sentences)
+
+
+def gen_describe(rng: random.Random) -> Sample:
+    objs = _scene_objects(rng, rng.randint(2, 4))
+    q = rng.choice(("Describe the image in detail.", "Give a detailed description of this image.",
+                    "What is in this picture? Describe everything."))
+    return Sample("describe", q, describe_objects(objs, rng), [render.render_scene(objs, rng)])
+
+
+def gen_multi_image(rng: random.Random) -> Sample:
+    objs = _scene_objects(rng, rng.randint(2, 3))
+    background = rng.choice(render.BACKGROUNDS)
+    change = rng.choice(("color", "added", "removed"))
+    after = list(objs)
+    used = {(o.color, o.shape) for o in objs}
+    if change == "color":
+        i = rng.randrange(len(objs))
+        new = rng.choice([c for c in COLORS if (c, objs[i].shape) not in used])
+        after[i] = Obj(new, objs[i].shape, objs[i].cell, objs[i].size)
+        answer = f"the {objs[i].name} turned {new}"
+    elif change == "added":
+        kind = rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) not in used])
+        cell = rng.choice([c for c in range(9) if c not in {o.cell for o in objs}])
+        after.append(Obj(kind[0], kind[1], cell, rng.choice(("small", "large"))))
+        answer = f"{_article(kind[0])} {kind[0]} {kind[1]} appeared"
+    else:
+        i = rng.randrange(len(objs))
+        answer = f"the {after.pop(i).name} disappeared"
+    first = render.render_scene(objs, rng, background)
+    second = render.render_scene(after, rng, background)
+    q = rng.choice(("What changed between the two images?", "What is different in the second image?"))
+    return Sample(f"change_{change}", q, answer, [first, second])
+
+
+_ANIMALS = ("cat", "dog", "fox", "bird", "frog", "bear", "rabbit", "mouse")
+_NAMES = ("Tom", "Ana", "Sam", "Lily", "Max", "Mia", "Ben", "Zoe")
+_PLACES = ("the forest", "a small town", "the river", "a big garden", "the hills", "an old house")
+_THINGS = ("a red ball", "a shiny key", "a lost hat", "a little boat", "a blue kite", "a warm blanket")
+
+
+def story(rng: random.Random, animal: str) -> str:
+    """A short story from a small grammar."""
+    name = rng.choice(_NAMES)
+    place, thing = rng.choice(_PLACES), rng.choice(_THINGS)
+    opening = rng.choice((f"Once upon a time, a {animal} named {name} lived in {place}.",
+                          f"There was a {animal} called {name} who lived in {place}.",
+                          f"In {place}, there lived a little {animal} named {name}."))
+    middle = rng.sample((f"One day, {name} found {thing}.",
+                         f"{name} liked to walk every morning.",
+                         f"{name} had a good friend, a {rng.choice(_ANIMALS)}.",
+                         f"It was a cold and windy day.",
+                         f"{name} wanted to see the sea."), rng.randint(2, 3))
+    ending = rng.choice((f"In the end, {name} went home happy.",
+                         f"From that day on, {name} was never sad again.",
+                         f"{name} smiled and fell asleep.",
+                         "And they all lived happily ever after."))
+    return " ".join([opening, *middle, ending])
+
+
+def gen_text_chat(rng: random.Random) -> Sample:
+    kind = rng.choice(("arithmetic", "sort", "reverse", "story"))
+    if kind == "arithmetic":
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        op = rng.choice("+-*") if max(a, b) <= 9 else rng.choice("+-")
+        value = {"+": a + b, "-": a - b, "*": a * b}[op]
+        return Sample("arithmetic", f"What is {a} {op} {b}?", str(value))
+    if kind in ("sort", "reverse"):
+        nums = [rng.randint(0, 9) for _ in range(rng.randint(3, 6))]
+        listed = ", ".join(map(str, nums))
+        if kind == "sort":
+            return Sample("sort", f"Sort these numbers from smallest to largest: {listed}.",
+                          ", ".join(map(str, sorted(nums))))
+        return Sample("reverse", f"Reverse this list: {listed}.", ", ".join(map(str, nums[::-1])))
+    animal = rng.choice(_ANIMALS)
+    q = rng.choice((f"Tell me a short story about a {animal}.", f"Write a short story about a {animal}."))
+    return Sample("story", q, story(rng, animal))
+
+
+GENERATORS = {
+    "caption": gen_caption, "describe": gen_describe, "vqa": gen_vqa, "ocr": gen_ocr,
+    "chart": gen_chart, "multi_image": gen_multi_image, "text_chat": gen_text_chat,
+}
+
+
+def _check(name: str, n: int | None = None) -> None:
+    if name not in GENERATORS:
+        raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+    if n is not None and n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+
+
+def make_sample(name: str, seed: int, index: int) -> Sample:
+    """Sample `index` of suite `name` under `seed`; independent of every other sample."""
+    _check(name)
+    return GENERATORS[name](random.Random(f"{name}:{seed}:{index}"))
+
+
+def write_suite(name: str, n: int, seed: int, out: Path) -> Path:
+    """Write `out/suite.jsonl` (DESIGN suite format, `messages` prompts) and its PNG images; return the path.
+
+    Benchmarks should use evaluation seeds (>= `EVAL_SEED_START`); training never draws from them.
+    """
+    _check(name, n)
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        sample = make_sample(name, seed, i)
+        sample_id = f"{name}-{seed}-{i:05d}"
+        paths = []
+        for j, rendered in enumerate(sample.images):
+            rel = f"images/{sample_id}-{j}.png"
+            rendered.image.save(out / rel)
+            paths.append(rel)
+        record = {"id": sample_id, "category": sample.category, "images": paths,
+                  "messages": sample.messages(), "reference": sample.answer}
+        lines.append(json.dumps(record))
+    path = out / "suite.jsonl"
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("VLMSPEC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vlmspec")
+    return Path(root) / "suites"
+
+
+def default_suite(name: str) -> Path:
+    """The suite `name` with its documented default n and seed, generated once into the cache; its jsonl path."""
+    _check(name)
+    n, seed = SUITE_DEFAULTS[name]
+    folder = cache_dir() / f"{name}-n{n}-s{seed}"
+    path = folder / "suite.jsonl"
+    if not path.exists():
+        write_suite(name, n, seed, folder)
+    return path
+
+
+# Training mixture: suite -> weight. vqa and ocr carry the accuracy targets, so they get the most.
+TRAIN_MIX: dict[str, float] = {
+    "vqa": 0.32, "ocr": 0.18, "chart": 0.10, "caption": 0.08,
+    "describe": 0.12, "multi_image": 0.08, "text_chat": 0.12,
+}
+
+
+def training_sample(seed: int, index: int) -> Sample:
+    """Sample `index` of the training stream for a training seed (must be < EVAL_SEED_START)."""
+    if not 0 <= seed < EVAL_SEED_START:
+        raise ValueError(f"training seeds are in [0, {EVAL_SEED_START}); got {seed}")
+    rng = random.Random(f"train:{seed}:{index}")
+    name = rng.choices(list(TRAIN_MIX), weights=list(TRAIN_MIX.values()))[0]
+    return GENERATORS[name](rng)

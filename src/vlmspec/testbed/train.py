@@ -1,0 +1,305 @@
+"""Train the testbed VLM from scratch on CPU: deterministic for a seed and step count, resumable.
+
+Recipe (see docs/testbed.md): plain next-token loss on answers, plus two training-only terms that keep the
+model from going image-blind; neither is saved, the result is a standard `LlavaForConditionalGeneration`:
+
+- an image-scale penalty, (log rms(projected image tokens) - log rms(text embeddings))^2, so image tokens stay
+  on the scale of text tokens instead of drowning them;
+- a throwaway per-patch classifier on the projector output, trained on the generator's patch labels
+  (background / color x shape / letter, and which patch holds each object's centre), standing in for vision
+  pretraining.
+
+Batches are right-padded with no attention mask (causal attention never lets a real token see the padding
+after it) and grouped by length within pools of `POOL` batches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vlmspec.testbed import SHIPPED_DIR, render
+from vlmspec.testbed.data import EVAL_SEED_START, Sample, training_sample
+from vlmspec.testbed.model import IMAGE_TOKEN, ArchConfig, build_model, build_processor, corpus, train_tokenizer
+
+CHECKPOINT = "checkpoint.pt"
+POOL = 16  # batches per length-grouping pool
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup: int = 150
+    weight_decay: float = 0.01
+    aux_weight: float = 0.5
+    scale_weight: float = 1.0
+    checkpoint_every: int = 100
+    threads: int = 2
+
+
+def pixels(image) -> np.ndarray:
+    """What CLIPImageProcessorPil gives for an IMAGE_SIZE-square RGB image: [3, H, W] normalized float32."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return ((arr - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # -100 outside the answer
+    pixels: list[np.ndarray]  # [3, H, W] per image, in order of appearance
+    patch_labels: list[np.ndarray]  # [GRID * GRID] per image
+    center_labels: list[np.ndarray]  # [GRID * GRID] per image, -100 where the image has no objects
+
+
+def encode(sample: Sample, tokenizer, n_image_tokens: int) -> Encoded:
+    """Prompt through the chat template (images expanded), then " answer" + eos as the supervised part."""
+    prompt = tokenizer.apply_chat_template(sample.messages(), add_generation_prompt=True, tokenize=False)
+    prompt = prompt.replace(IMAGE_TOKEN, IMAGE_TOKEN * n_image_tokens)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(" " + sample.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    centers = [(r.center_labels if r.center_labels is not None else np.full_like(r.patch_labels, -100)).reshape(-1)
+               for r in sample.images]
+    return Encoded(prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids,
+                   [pixels(r.image) for r in sample.images], [r.patch_labels.reshape(-1) for r in sample.images],
+                   centers)
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(seed: int, tokenizer, n_image: int) -> None:
+    _WORKER.update(seed=seed, tokenizer=tokenizer, n_image=n_image)
+
+
+def _encode_index(index: int) -> Encoded:
+    return encode(training_sample(_WORKER["seed"], index), _WORKER["tokenizer"], _WORKER["n_image"])
+
+
+class Batches:
+    """Builds length-grouped batches for any step from the deterministic training stream.
+
+    The batch at step t comes from pool t // POOL (POOL * batch_size consecutive stream samples, sorted by
+    length and cut into batches), slot t % POOL of a seeded shuffle of the pool's batches.
+    """
+
+    def __init__(self, seed: int, batch_size: int, tokenizer, n_image_tokens: int, workers: int = 0):
+        self.seed, self.batch_size, self.tokenizer, self.n_image = seed, batch_size, tokenizer, n_image_tokens
+        self._pool_id, self._pool = None, None
+        self._procs = None
+        if workers > 0:
+            import multiprocessing as mp
+
+            self._procs = mp.get_context("fork").Pool(workers, _init_worker, (seed, tokenizer, n_image_tokens))
+
+    def _load_pool(self, pool: int) -> list[Encoded]:
+        start = pool * POOL * self.batch_size
+        indices = range(start, start + POOL * self.batch_size)
+        if self._procs is not None:
+            items = self._procs.map(_encode_index, indices, chunksize=8)
+        else:
+            items = [encode(training_sample(self.seed, i), self.tokenizer, self.n_image) for i in indices]
+        return sorted(items, key=lambda e: len(e.input_ids))  # stable: ties keep stream order
+
+    def get(self, step: int) -> dict:
+        pool, slot = divmod(step, POOL)
+        if pool != self._pool_id:
+            self._pool_id, self._pool = pool, self._load_pool(pool)
+        order = list(range(POOL))
+        random.Random(f"pool:{self.seed}:{pool}").shuffle(order)
+        b = order[slot]
+        return collate(self._pool[b * self.batch_size:(b + 1) * self.batch_size], self.tokenizer.pad_token_id)
+
+    def close(self) -> None:
+        if self._procs is not None:
+            self._procs.close()
+            self._procs = None
+
+
+def collate(items: list[Encoded], pad_id: int) -> dict:
+    length = max(len(e.input_ids) for e in items)
+    ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), length), -100, dtype=torch.long)
+    for i, e in enumerate(items):
+        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+    out = {"input_ids": ids, "labels": labels, "pixel_values": None, "patch_labels": None, "center_labels": None}
+    if any(e.pixels for e in items):
+        out["pixel_values"] = torch.from_numpy(np.stack([p for e in items for p in e.pixels]))
+        out["patch_labels"] = torch.from_numpy(np.stack([p for e in items for p in e.patch_labels]))
+        out["center_labels"] = torch.from_numpy(np.stack([p for e in items for p in e.center_labels]))
+    return out
+
+
+def losses(model, aux_head, batch: dict) -> dict[str, torch.Tensor]:
+    """Answer cross-entropy, per-patch auxiliary cross-entropy and the image-scale penalty."""
+    captured = {}
+    hook = model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.update(feats=o))
+    try:
+        out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], use_cache=False)
+    finally:
+        hook.remove()
+    logits = out.logits[:, :-1].float()  # [B, T-1, V]
+    targets = batch["labels"][:, 1:]
+    lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    result = {"lm": lm}
+    if batch["pixel_values"] is not None:
+        feats = captured["feats"].float()  # [n_images, 64, hidden]
+        aux_logits = aux_head(feats)  # [n_images, 64, 2 * classes]: patch class, then centre class
+        n = aux_logits.shape[-1] // 2
+        result["aux"] = F.cross_entropy(aux_logits[..., :n].reshape(-1, n), batch["patch_labels"].reshape(-1))
+        if (batch["center_labels"] >= 0).any():
+            result["aux"] = result["aux"] + F.cross_entropy(
+                aux_logits[..., n:].reshape(-1, n), batch["center_labels"].reshape(-1), ignore_index=-100)
+        text_rms = model.get_input_embeddings().weight.float().pow(2).mean().sqrt().detach()
+        image_rms = feats.pow(2).mean().sqrt()
+        result["scale"] = (image_rms.log() - text_rms.log()) ** 2
+    return result
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _resolve_out(out: Path | None) -> Path:
+    if out is None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        return Path("runs") / f"testbed-{stamp}"
+    out = Path(out).resolve()
+    shipped = SHIPPED_DIR.resolve()
+    if out != shipped and (shipped in out.parents or out in shipped.parents):
+        raise ValueError(f"refusing to write into or around the shipped weights {shipped}; name it exactly "
+                         "as --out to replace them, or choose another folder")
+    return out
+
+
+def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minutes: float | None = None,
+          arch: ArchConfig | None = None, train: TrainConfig | None = None, progress: bool = True,
+          stop_at: int | None = None, device: str = "cpu", workers: int = 0) -> Path:
+    """Train (or resume) the testbed model in `out`; return `out`, which then holds a loadable bf16 model.
+
+    Deterministic for (seed, steps, arch, train config) on a given machine and thread count. `minutes` caps the
+    wall time of this call: the run checkpoints and stops early, and a later call resumes it. `stop_at` stops
+    after that step as a kill would (checkpoint written, no export); tests use it to check resuming.
+    `device` (default cpu) and `workers` (data processes, default 0 = in-process) change speed, not the recipe;
+    bf16 autocast runs on the device.
+    """
+    if not 0 <= seed < EVAL_SEED_START:
+        raise ValueError(f"training seed must be in [0, {EVAL_SEED_START}), got {seed}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if minutes is not None and minutes <= 0:
+        raise ValueError(f"minutes must be > 0, got {minutes}")
+    arch = arch or ArchConfig()
+    cfg = train or TrainConfig()
+    if steps is not None:
+        cfg = TrainConfig(**{**asdict(cfg), "steps": steps})
+    out = _resolve_out(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    started = time.monotonic()
+
+    tokenizer = train_tokenizer(arch.vocab_size, corpus())
+    processor = build_processor(tokenizer)
+    torch.manual_seed(seed)
+    model = build_model(arch, tokenizer).to(device)
+    aux_head = torch.nn.Linear(arch.hidden_size, 2 * render.N_PATCH_CLASSES).to(device)
+    params = list(model.parameters()) + list(aux_head.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    step = 0
+    ckpt_path = out / CHECKPOINT
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False, map_location=device)
+        if state["arch"] != asdict(arch) or state["seed"] != seed:
+            raise ValueError(f"{ckpt_path} was written by another seed/architecture; use a new --out")
+        model.load_state_dict(state["model"])
+        aux_head.load_state_dict(state["aux_head"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        step = state["step"]
+    n_image = processor.image_processor.crop_size["height"] // render.PATCH
+    batches = Batches(seed, cfg.batch_size, tokenizer, n_image * n_image, workers)
+
+    def save_checkpoint() -> None:
+        _atomic_save({"model": model.state_dict(), "aux_head": aux_head.state_dict(),
+                      "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "step": step,
+                      "seed": seed, "arch": asdict(arch), "train": asdict(cfg)}, ckpt_path)
+
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="testbed", dynamic_ncols=True)
+    ema, t_last, s_last = None, time.monotonic(), step
+    while step < cfg.steps:
+        if minutes is not None and time.monotonic() - started > minutes * 60:
+            break
+        batch = {k: v.to(device) if v is not None else None for k, v in batches.get(step).items()}
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            parts = losses(model, aux_head, batch)
+        loss = parts["lm"] + cfg.aux_weight * parts.get("aux", 0.0) + cfg.scale_weight * parts.get("scale", 0.0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        lm = parts["lm"].item()
+        ema = lm if ema is None else 0.95 * ema + 0.05 * lm
+        if step % 10 == 0 or step == cfg.steps:
+            now = time.monotonic()
+            rate = (step - s_last) / max(1e-9, now - t_last)
+            t_last, s_last = now, step
+            extra = {k: f"{float(v.detach()):.3f}" for k, v in parts.items() if k != "lm"}
+            bar.set_postfix(lm=f"{ema:.3f}", **extra, sps=f"{rate:.2f}")
+        bar.update(1)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_checkpoint()
+        if stop_at is not None and step >= stop_at:
+            bar.close()
+            batches.close()
+            save_checkpoint()
+            return out
+    bar.close()
+    batches.close()
+    save_checkpoint()
+    export(model, processor, out)
+    if step >= cfg.steps and out == SHIPPED_DIR.resolve():
+        ckpt_path.unlink(missing_ok=True)  # the package ships the model only
+    return out
+
+
+def export(model, processor, out: Path) -> None:
+    """Save the plain Llava model in bf16 with its processor (atomically per file via a temp folder)."""
+    tmp = out / ".export.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(device="cpu", dtype=torch.bfloat16).save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    for item in tmp.iterdir():
+        os.replace(item, out / item.name)
+    tmp.rmdir()
