@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate_parser(sub)
     testbed_cli.add_parser(sub)
+    __import__("vlmspec.bench.cli").bench.cli.add_parser(sub)
     return parser
 
 

@@ -11,6 +11,11 @@ protocol, driven by the engine with explicit state objects:
 
 A drafter registers itself with `@register_drafter` under its type name with its config dataclass; the CLI, the
 checkpoint loader and the tests read the registry.
+
+Training protocol (driven by `vlmspec.train.trainer`; see `vlmspec.train.losses` for the alignment and options):
+
+    layers = drafter.feature_layers()            # target hidden-state indices to collect (0 = input embeddings)
+    loss, metrics = drafter.training_loss(batch, loss_config)     # batch: TrainBatch holding those layers
 """
 
 from __future__ import annotations
@@ -28,7 +33,11 @@ from torch import nn
 from vlmspec import __version__
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from vlmspec.target import NodesOutput, PrefillOutput, Target
+    from vlmspec.train.batch import TrainBatch
+    from vlmspec.train.losses import LossConfig
     from vlmspec.tree import Tree, TreeConfig
     from vlmspec.verify import SamplingConfig
 
@@ -89,6 +98,34 @@ class Drafter(nn.Module):
 
     def accept(self, state: Any, tree: "Tree", path: list[int], verified: "NodesOutput", bonus: int) -> None:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ training
+    def feature_layers(self) -> list[int]:
+        """Target hidden-state indices this drafter needs at collect/train time, sorted, non-negative: 0 = the input
+        embeddings (projected visual embeddings included), `target.num_layers` = the last (post-norm) state. A
+        trainable drafter always lists `num_layers` (the loss targets are built from it). Default: none."""
+        return []
+
+    def default_loss_config(self) -> "LossConfig":
+        """The loss options this design is trained with unless the user overrides them (`--loss`)."""
+        from vlmspec.train.losses import LossConfig
+
+        return LossConfig()
+
+    def training_loss(self, batch: "TrainBatch", config: "LossConfig") -> tuple["Tensor", dict[str, float]]:
+        """Scalar loss of one batch (differentiable w.r.t. this drafter's parameters only) and float metrics: at
+        least `loss` and the per-depth draft top-1 accuracy `acc@1` … `acc@{config.steps}`. `batch.hidden_states`
+        holds (at least) `feature_layers()`, cast to the drafter's dtype. Called in train mode, possibly under
+        autocast; randomness must come from torch's global generator (the trainer checkpoints it)."""
+        raise ValueError(f"drafter type {self.drafter_type!r} is not trainable")
+
+    def resolve_layer(self, layer: int) -> int:
+        """A hidden-state index, negative counting from the end (-1 = the last), as a non-negative index."""
+        count = self.target.num_layers + 1
+        if not -count <= layer < count:
+            raise ValueError(f"layer {layer} is out of range for a target with {self.target.num_layers} layers "
+                             f"(hidden-state indices 0 … {count - 1})")
+        return layer % count
 
     def target_info(self) -> dict[str, Any]:
         return {"architecture": self.target.architecture, "vocab_size": self.target.vocab_size,

@@ -58,6 +58,14 @@ class Family:
             return dict(processor(images=images, text=text, return_tensors="pt"))
         return dict(tokenizer(text, return_tensors="pt"))
 
+    def load_processor(self, path: Path) -> Any:
+        """The processor (or tokenizer) saved beside a checkpoint."""
+        import transformers
+
+        if self.auto_class == "AutoModelForCausalLM":
+            return transformers.AutoTokenizer.from_pretrained(path)
+        return transformers.AutoProcessor.from_pretrained(path)
+
     def new_cache(self, model: torch.nn.Module):
         from transformers import DynamicCache
 
@@ -123,11 +131,7 @@ def load_model_and_processor(path: Path, dtype: torch.dtype | str | None):
                          f"{', '.join(supported_architectures())}")
     auto_model = getattr(transformers, family.auto_class)
     model = auto_model.from_pretrained(path, dtype=resolve_dtype(dtype) or "auto")
-    if family.auto_class == "AutoModelForCausalLM":
-        processor = transformers.AutoTokenizer.from_pretrained(path)
-    else:
-        processor = transformers.AutoProcessor.from_pretrained(path)
-    return model, processor
+    return model, family().load_processor(path)
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -139,3 +143,7 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
     return names[dtype]
+
+
+# Families in their own modules register on import (they subclass `Family`, so they come last).
+from vlmspec.target import llava_next, qwen2_vl  # noqa: E402,F401
