@@ -33,10 +33,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def generate_command(args: argparse.Namespace) -> int:
     import json
 
+    from vlmspec.engine import check_max_new_tokens
+    from vlmspec.inputs import resolve_prompt
     from vlmspec.runtime import open_generator
+    from vlmspec.verify import SamplingConfig
 
+    # Validate everything cheap before loading a model.
+    SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    check_max_new_tokens(args.max_new_tokens)
+    images, _ = resolve_prompt(args.image, args.prompt, None)
     generator = open_generator(args.target, args.drafter, args.tree, args.dtype, args.drafter_option)
-    kwargs = dict(images=args.image, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+    kwargs = dict(images=images, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                   stop=args.stop)
     if args.json:
@@ -68,6 +75,8 @@ def add_generate_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from vlmspec import __version__
+    from vlmspec import demo
+    from vlmspec.bench import cli as bench_cli
     from vlmspec.testbed import cli as testbed_cli
 
     parser = argparse.ArgumentParser(prog="vlmspec", description=__doc__.splitlines()[0])
@@ -75,11 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate_parser(sub)
     testbed_cli.add_parser(sub)
-    __import__("vlmspec.bench.cli").bench.cli.add_parser(sub)
+    bench_cli.add_parser(sub)
+    demo.add_parser(sub)
     return parser
 
 
+def quiet_transformers() -> None:
+    """The CLI prints its own progress; transformers' loading bars and backend notices are noise here."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_transformers()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -113,7 +113,7 @@ class Generator:
         yield GenerationResult(token_ids=token_ids, text=tokenizer.decode(token_ids, skip_special_tokens=True),
                                stats=self._stats)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _steps(self, inputs: dict[str, torch.Tensor], max_new_tokens: int, sampling: SamplingConfig,
                seed: int | None, stop: Sequence[str], out: list[int]) -> Iterator[None]:
         """Run the loop, appending committed tokens to `out` and yielding after each target forward."""

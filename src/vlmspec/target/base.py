@@ -174,7 +174,7 @@ class Target:
         return {key: value.to(self.device) if isinstance(value, Tensor) else value for key, value in inputs.items()}
 
     # ------------------------------------------------------------------ forward passes
-    @torch.inference_mode()
+    @torch.no_grad()
     def prefill(self, inputs: dict[str, Tensor]) -> tuple[TargetState, PrefillOutput]:
         """Run the prompt (vision once) into a new cache; returns the state and what drafters need."""
         input_ids = inputs["input_ids"]                                    # [B, S]
@@ -197,7 +197,7 @@ class Target:
                                positions=positions, inputs=inputs)
         return state, result
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def extend(self, state: TargetState, tokens: Tensor, parents: Tensor) -> NodesOutput:
         """Append `tokens` [B, n] as pending nodes; `parents` [B, n] index the pending list (existing + new, a
         parent before its child), -1 for a node hanging directly off the committed prefix."""
