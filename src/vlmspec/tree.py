@@ -235,11 +235,12 @@ class TreeBuilder:
             builder.expand(logprobs)          # chooses children of each frontier node, returns new node indices
             frontier = builder.frontier()
         tree = builder.build()                # Tree with B=1, pruned to total_tokens+1 nodes
+    builder.token(n), builder.parent(n) and builder.depth(n) describe node n for the drafter's next forward.
 
     Children: greedy (sample=False) takes the top-k tokens by log-prob; sample=True draws k tokens without
     replacement from exp(logprobs) by Gumbel-top-k with `generator` (tokens of probability 0 are never drawn, so a
     node may get fewer children) and records exp(logprobs) as the node's `draft_probs` row. `logprobs` are
-    re-normalised with log_softmax, so raw logits work too. k is 1 (chain), `topk` (dynamic) or the number of
+    re-normalised (x - logsumexp(x)), so raw logits work too. k is 1 (chain), `topk` (dynamic) or the number of
     children the static shape gives the node.
 
     Scores (dynamic): cum(node) = sum of log-probs along its path (EAGLE-2). Nodes are ranked by a score that never
@@ -283,19 +284,13 @@ class TreeBuilder:
         """Parent of builder node `node` (-1 for the root)."""
         return self._parents[node]
 
+    def depth(self, node: int) -> int:
+        """Depth of builder node `node` (root 0)."""
+        return self._depth[node]
+
     def frontier(self) -> list[int]:
         """Node indices whose children are wanted next, in node order; empty when the tree is complete."""
         return list(self._frontier)
-
-    def token(self, node: int) -> int:
-        """The token of a node (index as returned by `frontier` / `expand`, before `build` re-indexes)."""
-        return self._tokens[node]
-
-    def parent(self, node: int) -> int:
-        return self._parents[node]
-
-    def depth(self, node: int) -> int:
-        return self._depth[node]
 
     def _num_children(self, node: int) -> int:
         if self.config.kind == "chain":
@@ -310,7 +305,8 @@ class TreeBuilder:
         if logprobs.dim() != 2 or logprobs.shape[0] != len(frontier):
             raise ValueError(f"expand expects log-probs of shape [{len(frontier)}, V], got {tuple(logprobs.shape)}")
         self._device = logprobs.device
-        logprobs = torch.log_softmax(logprobs.double(), dim=-1)  # [F, V]
+        logprobs = logprobs.double()  # [F, V]
+        logprobs = logprobs - logprobs.logsumexp(dim=-1, keepdim=True)  # [F, V] normalised
         keys = logprobs
         if self.sample:
             uniform = torch.rand(logprobs.shape, generator=self.generator, dtype=torch.float64,

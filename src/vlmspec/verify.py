@@ -104,7 +104,7 @@ def verify_greedy(tree: Tree, target_logits: Tensor) -> VerifyResult:
     num_accepted = torch.zeros_like(node)  # [B]
     for d in range(1, accepted.shape[1]):
         match = (tree.parents == node[:, None]) & (tree.tokens == best[batch, node][:, None])  # [B, N]
-        hit = match.any(dim=-1) & (num_accepted == d - 1)  # [B] still on the path and a child matches
+        hit = match.any(dim=-1)  # [B] after a miss `node` stays put, so later depths cannot match either
         child = match.long().argmax(dim=-1)  # [B] first matching child
         node = torch.where(hit, child, node)  # [B]
         accepted[:, d] = torch.where(hit, child, accepted[:, d])
