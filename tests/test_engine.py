@@ -121,3 +121,15 @@ def test_stop_string_and_eos_end_generation(target):
     finally:
         target.model.lm_head.bias = None
     assert result.token_ids == [eos] and result.stats.target_forwards == 1
+
+
+def test_messages_and_prompt_markers_give_the_same_inputs(target):
+    image = random_image(random.Random(10))
+    from_prompt = target.encode([image], prompt="<image> what color is it")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is it"}]}]
+    from_messages = target.encode([image], messages=messages)
+    assert torch.equal(from_prompt["input_ids"], from_messages["input_ids"])
+    with pytest.raises(ValueError, match="image part"):
+        target.encode([image, image], messages=messages)
+    without_marker = target.encode([image], prompt="what color is it")          # images first
+    assert torch.equal(without_marker["input_ids"], from_prompt["input_ids"])

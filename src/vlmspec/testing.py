@@ -125,12 +125,10 @@ def _qwen_vl(tokenizer, hidden: int, layers: int, heads: int, version: str):
     from vlmspec.target.qwen2_vl import QwenImageTextProcessor
 
     tokenizer = _qwen_tokenizer(tokenizer)
-    head_dim = hidden // heads
-    if head_dim % 4:
-        raise ValueError(f"M-RoPE needs a head size divisible by 4, got {head_dim}")
-    quarter = head_dim // 4                                # mrope_section covers head_dim / 2 frequencies
+    half = hidden // heads // 2                            # rotary frequencies per head, split over (t, h, w)
+    spatial = half * 3 // 8                                # Qwen's own proportion: [16, 24, 24] for 64
     text = dict(_text_config(tokenizer, hidden, layers, heads), rope_parameters={
-        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [quarter, quarter, head_dim // 2 - 2 * quarter]})
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [half - 2 * spatial, spatial, spatial]})
     if version == "2":
         vision = dict(depth=2, embed_dim=32, hidden_size=hidden, mlp_ratio=2, num_heads=2, patch_size=8,
                       spatial_merge_size=2, temporal_patch_size=2)

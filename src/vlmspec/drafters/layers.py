@@ -20,11 +20,14 @@ def draft_layer_config(text_config, num_heads: int = 0, intermediate_size: int =
     hidden = text_config.hidden_size
     if hidden % heads:
         raise ValueError(f"hidden size {hidden} is not divisible by {heads} heads")
+    rope = getattr(text_config, "rope_parameters", None)
+    if rope and "mrope_section" in rope:      # Qwen2-VL's 3-axis split: the draft layer's positions are 1-D
+        rope = {key: value for key, value in rope.items() if key != "mrope_section"}
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate_size or text_config.intermediate_size,
                          num_attention_heads=heads, num_key_value_heads=heads, num_hidden_layers=1,
                          max_position_embeddings=getattr(text_config, "max_position_embeddings", 4096),
                          rms_norm_eps=getattr(text_config, "rms_norm_eps", 1e-6),
-                         rope_parameters=getattr(text_config, "rope_parameters", None))
+                         rope_parameters=rope)
     config._attn_implementation = "sdpa"
     return config
 
