@@ -1,0 +1,387 @@
+"""Shared machinery of the image-aware feature drafters (`msd`, `vispec`, `flash`).
+
+All three are EAGLE-style: draft input "pair" i is (token x_{i+1}, the target's feature f_i before it) at the
+target's position of x_{i+1}; the draft's output approximates f_{i+1}, whose lm_head logits predict x_{i+2}.
+They differ only in what the draft sees at image tokens:
+
+- a design may give image pairs a **fixed input** that does not depend on the (token, feature) pair (msd: the
+  target's projected visual embedding through the draft's own projection), and
+- a design may **compress** each run of image pairs (one run per image; Idefics3 may give one run per tile) to a
+  few entries (vispec: learned queries over the visual embeddings; flash: latent-aware pooling) — the draft's KV
+  cache then holds fewer entries than the target's, so every entry carries an explicit position;
+- a design may add a **context** term to every text pair (vispec: the gated global image vector).
+
+`Layout` is that bookkeeping as a value: for every draft entry, the pair it stands for (-1 for a compressed
+visual entry or padding) and its position. The same layout code builds the decode-time prompt (batch 1) and the
+training batch, so training and inference feed the draft exactly the same entries.
+
+Positions: an entry's position is the target's position of its token (`sequence_positions`: 1-D positions as
+they are; for 3-axis M-RoPE positions the per-token maximum over the axes, which equals the text position for
+text tokens and grows through an image). Compressed entries take positions spread evenly over their run:
+query j of q gets the position of the run's pair `start + (j * length) // q` (the first query sits at the run's
+start). Decode-time nodes continue from the position after the last committed entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlmspec.drafters.base import DraftState, Drafter
+from vlmspec.drafters.layers import DraftDecoder, draft_layer_config
+from vlmspec.pending import PendingNodes
+from vlmspec.target.base import image_spans
+from vlmspec.target.cache import compact_cache
+from vlmspec.tree import Tree, TreeBuilder, TreeConfig
+from vlmspec.verify import SamplingConfig, warp_logits
+
+
+# ---------------------------------------------------------------------------------------------- modules
+def rms_norm(hidden: int, eps: float = 1e-6) -> nn.Module:
+    """transformers' Llama RMSNorm (computes in fp32 and casts back: safe under bf16 autocast)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return LlamaRMSNorm(hidden, eps=eps)
+
+
+class AttentionPool(nn.Module):
+    """Learned queries cross-attend to a set of tokens: tokens [N, L, H] (valid [N, L]) → [N, Q, H].
+
+    Used to compress one image's visual tokens to Q entries (vispec, flash) and, with Q = 1, as the attention
+    pooling of a global image vector (vispec)."""
+
+    def __init__(self, hidden: int, num_queries: int, num_heads: int):
+        super().__init__()
+        if hidden % num_heads:
+            raise ValueError(f"hidden size {hidden} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.queries = nn.Parameter(torch.randn(num_queries, hidden) * hidden ** -0.5)
+        self.norm = rms_norm(hidden)
+        self.key = nn.Linear(hidden, hidden, bias=False)
+        self.value = nn.Linear(hidden, hidden, bias=False)
+        self.out = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, tokens: Tensor, valid: Tensor | None = None) -> Tensor:
+        count, length, hidden = tokens.shape
+        heads, queries = self.num_heads, self.queries.shape[0]
+        x = self.norm(tokens)
+        split = lambda t: t.view(count, -1, heads, hidden // heads).transpose(1, 2)  # noqa: E731  [N, h, *, d]
+        query = split(self.queries.to(x.dtype)[None].expand(count, -1, -1))   # [N, h, Q, d]
+        mask = valid[:, None, None, :] if valid is not None else None          # [N, 1, 1, L]
+        pooled = F.scaled_dot_product_attention(query, split(self.key(x)), split(self.value(x)), attn_mask=mask)
+        return self.out(pooled.transpose(1, 2).reshape(count, queries, hidden))  # [N, Q, H]
+
+
+class GatedContext(nn.Module):
+    """x + gate ⊙ W·context, with the gate initialised to zero: at initialisation the text input is unchanged
+    (and a sequence without images, context 0, is unchanged forever: W has no bias)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden, hidden, bias=False)
+        self.gate = nn.Parameter(torch.zeros(hidden))
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        return x + self.gate.to(x.dtype) * self.proj(context.to(x.dtype))
+
+
+# ---------------------------------------------------------------------------------------------- pair view
+def sequence_positions(positions: Tensor) -> Tensor:
+    """The draft's 1-D positions from the target's: [B, S] as is; M-RoPE [3, B, S] → per-token max over axes."""
+    return positions if positions.dim() == 2 else positions.amax(dim=0)
+
+
+@dataclass
+class Pairs:
+    """Pair view of B sequences (n pairs each): pair i = (x_{i+1}, f_i)."""
+
+    tokens: Tensor       # [B, n] long: x_{i+1}
+    features: Tensor     # [B, n, H]: f_i, the target's feature before x_{i+1}
+    visual: Tensor       # [B, n, H]: hidden_states[0] at x_{i+1} (the projected visual embedding at image tokens)
+    image_mask: Tensor   # [B, n] bool: x_{i+1} is an image token
+    positions: Tensor    # [B, n] long: the target's (1-D) position of x_{i+1}
+    real: Tensor         # [B, n] bool: not padding
+
+
+def prompt_pairs(drafter: "VisualFeatureDrafter", prefill, first_token: int) -> Pairs:
+    """Pairs of a prefilled prompt (batch 1) followed by the first emitted token."""
+    first = torch.tensor([[first_token]], device=prefill.input_ids.device)
+    tokens = torch.cat([prefill.input_ids[:, 1:], first], dim=1)              # [1, S]
+    features = drafter.input_features(prefill.hidden_states)                  # [1, S, H]
+    first_embedding = drafter.target.embed_tokens(first).to(features.dtype)   # [1, 1, H]
+    visual = torch.cat([prefill.hidden_states[0][:, 1:].to(features.dtype), first_embedding], dim=1)
+    image_mask = torch.cat([prefill.image_mask[:, 1:], torch.zeros_like(first, dtype=torch.bool)], dim=1)
+    positions = sequence_positions(prefill.positions)                         # [1, S]
+    positions = torch.cat([positions[:, 1:], positions[:, -1:] + 1], dim=1)
+    return Pairs(tokens, features, visual, image_mask, positions, torch.ones_like(image_mask))
+
+
+def batch_pairs(drafter: "VisualFeatureDrafter", batch) -> Pairs:
+    """Pairs of a right-padded `TrainBatch` (n = S − 1)."""
+    features = drafter.input_features(batch.hidden_states)
+    real = batch.attention_mask[:, 1:].bool()
+    return Pairs(tokens=batch.input_ids[:, 1:], features=features[:, :-1],
+                 visual=batch.hidden_states[0][:, 1:].to(features.dtype),
+                 image_mask=batch.image_mask[:, 1:].bool() & real,
+                 positions=sequence_positions(batch.positions)[:, 1:], real=real)
+
+
+@dataclass
+class Layout:
+    """Draft entries of B sequences, M entries each (right-padded)."""
+
+    index: Tensor      # [B, M] long: the pair each entry stands for; -1: a compressed visual entry or padding
+    positions: Tensor  # [B, M] long
+    real: Tensor       # [B, M] bool: not padding
+    runs: list[list[tuple[int, int, int]]] = field(default_factory=list)  # per sequence: (pair start, end, slot)
+
+    @property
+    def compressed(self) -> Tensor:
+        """[B, M] bool: entries standing for a compressed visual run."""
+        return self.real & (self.index < 0)
+
+    def gather(self, pair_tensor: Tensor) -> Tensor:
+        """A pair-space tensor [B, n, ...] → entry space [B, M, ...] (compressed/padding entries: row 0's value)."""
+        index = self.index.clamp(min=0)
+        if pair_tensor.dim() == 3:
+            index = index[..., None].expand(-1, -1, pair_tensor.shape[-1])
+        return pair_tensor.gather(1, index)
+
+
+def build_layout(pairs: Pairs, slots_per_run: int | None) -> Layout:
+    """One entry per pair, except that (with `slots_per_run`) each run of image pairs becomes that many entries."""
+    batch, _ = pairs.tokens.shape
+    device = pairs.tokens.device
+    if slots_per_run is None:
+        index = torch.arange(pairs.tokens.shape[1], device=device).expand(batch, -1)
+        index = torch.where(pairs.real, index, torch.full_like(index, -1))
+        return Layout(index, pairs.positions, pairs.real.clone(), [[] for _ in range(batch)])
+    rows: list[tuple[list[int], list[int]]] = []
+    runs_all = []
+    positions_list = pairs.positions.tolist()
+    lengths = pairs.real.sum(1).tolist()
+    for b, spans in enumerate(image_spans(pairs.image_mask)):
+        index, positions, runs = [], [], []
+        cursor = 0
+        for start, end in spans + [(lengths[b], lengths[b])]:
+            index += range(cursor, start)
+            positions += positions_list[b][cursor:start]
+            if end > start:
+                runs.append((start, end, len(index)))
+                length = end - start
+                index += [-1] * slots_per_run
+                positions += [positions_list[b][start + (j * length) // slots_per_run] for j in range(slots_per_run)]
+            cursor = end
+        rows.append((index, positions))
+        runs_all.append(runs)
+    width = max(len(index) for index, _ in rows)
+    index = torch.full((batch, width), -1, dtype=torch.long)
+    positions = torch.zeros((batch, width), dtype=torch.long)
+    real = torch.zeros((batch, width), dtype=torch.bool)
+    for b, (row_index, row_positions) in enumerate(rows):
+        index[b, : len(row_index)] = torch.tensor(row_index, dtype=torch.long)
+        positions[b, : len(row_positions)] = torch.tensor(row_positions, dtype=torch.long)
+        real[b, : len(row_index)] = True
+    return Layout(index.to(device), positions.to(device), real.to(device), runs_all)
+
+
+def gather_runs(values: Tensor, layout: Layout) -> tuple[Tensor, Tensor, list[tuple[int, int, int, int]]]:
+    """Pair-space values [B, n, H] of every compressed image run of the layout, right-padded: [R, L, H],
+    valid [R, L], and each run's (sequence, pair start, pair end, first entry slot)."""
+    runs = [(b, start, end, slot) for b, row in enumerate(layout.runs) for start, end, slot in row]
+    width = max((end - start for _, start, end, _ in runs), default=0)
+    tokens = values.new_zeros(len(runs), width, values.shape[-1])
+    valid = torch.zeros(len(runs), width, dtype=torch.bool, device=values.device)
+    for r, (b, start, end, _) in enumerate(runs):
+        tokens[r, : end - start] = values[b, start:end]
+        valid[r, : end - start] = True
+    return tokens, valid, runs
+
+
+def place_runs(compressed: Tensor, runs: list[tuple[int, int, int, int]], layout: Layout) -> tuple[Tensor, Tensor]:
+    """Compressed runs [R, q, H] → fixed entry inputs [B, M, H] (zero elsewhere) and where [B, M] bool."""
+    fixed = compressed.new_zeros(*layout.index.shape, compressed.shape[-1])
+    for r, (b, _, _, slot) in enumerate(runs):
+        fixed[b, slot: slot + compressed.shape[1]] = compressed[r]
+    return fixed, layout.compressed
+
+
+def entry_causal_mask(count: int, dtype: torch.dtype, device, prefix: int = 0) -> Tensor:
+    """Additive mask [1, 1, count, prefix + count]: new entries see the whole prefix and earlier new entries."""
+    allowed = torch.ones(count, prefix + count, dtype=torch.bool, device=device).tril(diagonal=prefix)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+# ---------------------------------------------------------------------------------------------- the drafter
+@dataclass
+class VisualDraftState(DraftState):
+    cache: Any = None
+    root: int = 0                                # the last verified token (the next tree's root)
+    length: int = 0                              # committed entries in the draft cache
+    next_position: int = 0                       # position of the next committed entry
+    pending: PendingNodes = field(default_factory=lambda: PendingNodes.empty(1))
+    context: Tensor | None = None                # [H] context term of every decode-time pair (None: none)
+    catchup: Tensor | None = None                # [n, H] draft inputs of verified entries not yet in the cache …
+    catchup_positions: Tensor | None = None      # … and their positions [n]
+
+
+class VisualFeatureDrafter(Drafter):
+    """Base of msd / vispec / flash: an fc over [token embedding ; feature], one decoder layer, the target's
+    lm_head; subclasses define `slots_per_run`, `fixed_inputs` and `pair_context` (see the module docstring)."""
+
+    slots_per_run: int | None = None             # entries per image run (None: no compression); set per instance
+
+    def __init__(self, target, config):
+        super().__init__(target, config)
+        self.resolve_layer(config.feature_layer)
+        hidden = target.hidden_size
+        self.fc = nn.Linear(2 * hidden, hidden, bias=False)
+        layer_config = draft_layer_config(target.text_config, config.num_heads, config.intermediate_size)
+        self.decoder = DraftDecoder(layer_config)
+        self.num_heads = layer_config.num_attention_heads
+
+    # ------------------------------------------------------------------ model pieces
+    def input_features(self, hidden_states) -> Tensor:
+        return hidden_states[self.resolve_layer(self.config.feature_layer)]
+
+    def feature_layers(self) -> list[int]:
+        return sorted({0, self.resolve_layer(self.config.feature_layer), self.target.num_layers})
+
+    def draft_logits(self, features: Tensor) -> Tensor:
+        return self.target.lm_head(features).float()                           # [..., V]
+
+    def text_inputs(self, tokens: Tensor, features: Tensor, context: Tensor | None) -> Tensor:
+        """tokens [B, n], features [B, n, H], context [B, n, H] or None → draft inputs [B, n, H]."""
+        embeddings = self.target.embed_tokens(tokens).to(features.dtype)      # [B, n, H]
+        return self.fc(torch.cat([embeddings, features], dim=-1))
+
+    def fixed_inputs(self, pairs: Pairs, layout: Layout) -> tuple[Tensor, Tensor] | None:
+        """Inputs [B, M, H] of entries that do not depend on (token, feature), and where [B, M] bool."""
+        return None
+
+    def pair_context(self, pairs: Pairs, layout: Layout) -> tuple[Tensor | None, Tensor | None]:
+        """(context of every entry [B, M, H], context of decode-time pairs [B, H]); None when unused."""
+        return None, None
+
+    def entry_inputs(self, pairs: Pairs, layout: Layout):
+        """The draft inputs of this layout's entries as a function inputs(tokens [B, M], features [B, M, H]) →
+        [B, M, H] of the entries' (token, feature) pairs, with the fixed entries and the context bound in; and
+        keep [B, M]: entries whose input never depends on the pair (fixed or padding)."""
+        fixed = self.fixed_inputs(pairs, layout)
+        context, _ = self.pair_context(pairs, layout)
+
+        def inputs(tokens: Tensor, features: Tensor) -> Tensor:
+            x = self.text_inputs(tokens, features, context)                    # [B, M, H]
+            if fixed is not None:
+                x = torch.where(fixed[1][..., None], fixed[0].to(x.dtype), x)
+            return x
+
+        keep = fixed[1] if fixed is not None else torch.zeros_like(layout.real)
+        return inputs, keep | ~layout.real
+
+    def entry_step(self, pairs: Pairs, layout: Layout):
+        """The draft forward over this layout's entries as step(tokens, features, positions, mask, cache) (what
+        `train.losses.unrolled_loss` drives), and keep (see `entry_inputs`)."""
+        inputs, keep = self.entry_inputs(pairs, layout)
+
+        def step(tokens, features, positions, mask, cache):
+            return self.decoder(inputs(tokens, features), positions, mask, cache)
+
+        return step, keep
+
+    # ------------------------------------------------------------------ decoding
+    def begin(self, target, prefill, first_token: int) -> VisualDraftState:
+        if prefill.input_ids.shape[0] != 1:
+            raise ValueError(f"{self.drafter_type} decodes batch 1")
+        pairs = prompt_pairs(self, prefill, first_token)
+        layout = build_layout(pairs, self.slots_per_run)
+        _, decode_context = self.pair_context(pairs, layout)
+        inputs = self.entry_inputs(pairs, layout)[0](layout.gather(pairs.tokens), layout.gather(pairs.features))
+        return VisualDraftState(root=first_token, cache=self.decoder.new_cache(),
+                                pending=PendingNodes.empty(1, inputs.device),
+                                context=None if decode_context is None else decode_context[0],
+                                catchup=inputs[0], catchup_positions=layout.positions[0])
+
+    def _catch_up(self, state: VisualDraftState) -> Tensor:
+        """Run the verified entries into the cache (one forward); returns the last one's predicted feature [H]."""
+        count = state.catchup.shape[0]
+        mask = entry_causal_mask(count, state.catchup.dtype, state.catchup.device, prefix=state.length)
+        out = self.decoder(state.catchup[None], state.catchup_positions[None], mask, state.cache)[0]   # [n, H]
+        state.forwards += 1
+        state.length += count
+        state.next_position = int(state.catchup_positions[-1]) + 1
+        state.catchup = state.catchup_positions = None
+        return out[-1]
+
+    def _run_nodes(self, state: VisualDraftState, tokens: list[int], features: Tensor, parents: list[int]) -> Tensor:
+        """Feed pairs (tokens, features [n, H]) as pending nodes under `parents` (pending indices, -1: off the
+        committed prefix) in one forward; returns predicted features [n, H]."""
+        device = features.device
+        token_tensor = torch.tensor([tokens], device=device)                   # [1, n]
+        depths = state.pending.add(token_tensor, torch.tensor([parents], device=device))
+        mask = state.pending.attention_mask(state.length, len(tokens), features.dtype)
+        context = None if state.context is None else state.context.expand(len(tokens), -1)[None]
+        x = self.text_inputs(token_tensor, features[None], context)            # [1, n, H]
+        state.forwards += 1
+        return self.decoder(x, state.next_position + depths, mask, state.cache)[0]
+
+    def propose(self, state: VisualDraftState, tree_config: TreeConfig, sampling: SamplingConfig,
+                generator: torch.Generator | None) -> Tree:
+        """EAGLE-2 drafting: one draft forward per tree level (flash overrides this)."""
+        root_feature = self._catch_up(state)
+        builder = TreeBuilder(tree_config, state.root, generator=generator, sample=not sampling.greedy)
+        node_feature = {0: root_feature}                                        # builder node → predicted feature
+        node_pending = {0: -1}                                                  # builder node → pending index
+        frontier = builder.frontier()
+        while frontier:
+            logits = self.draft_logits(torch.stack([node_feature[n] for n in frontier]))     # [F, V]
+            builder.expand(logits if sampling.greedy else warp_logits(logits, sampling))
+            frontier = builder.frontier()
+            if not frontier:
+                break
+            parents = [builder.parent(n) for n in frontier]
+            base = len(state.pending)
+            predicted = self._run_nodes(state, [builder.token(n) for n in frontier],
+                                        torch.stack([node_feature[p] for p in parents]),
+                                        [node_pending[p] for p in parents])
+            for offset, node in enumerate(frontier):
+                node_feature[node], node_pending[node] = predicted[offset], base + offset
+        return builder.build()
+
+    def accept(self, state: VisualDraftState, tree: Tree, path: list[int], verified, bonus: int) -> None:
+        compact_cache(state.cache, state.length, [])                           # drop the drafted nodes
+        state.pending.clear()
+        tokens = torch.tensor([tree.tokens[0, path[1:]].tolist() + [bonus]], device=tree.tokens.device)
+        features = self.input_features(verified.hidden_states)[:, path]        # [1, k+1, H]
+        context = None if state.context is None else state.context.expand(tokens.shape[1], -1)[None]
+        state.catchup = self.text_inputs(tokens, features, context)[0]         # [k+1, H]
+        state.catchup_positions = state.next_position + torch.arange(tokens.shape[1], device=tokens.device)
+        state.root = bonus
+
+    # ------------------------------------------------------------------ training
+    def training_loss(self, batch, config):
+        from vlmspec.train.losses import unrolled_loss
+
+        pairs = batch_pairs(self, batch)
+        layout = build_layout(pairs, self.slots_per_run)
+        targets = self.entry_targets(batch, layout)
+        step, keep = self.entry_step(pairs, layout)
+        return unrolled_loss(step, self.decoder.new_cache, self.draft_logits, targets,
+                             layout.gather(pairs.features), config, keep=keep)
+
+    def entry_targets(self, batch, layout: Layout):
+        """`train.losses.PairTargets` in entry space: compressed and padding entries are never trained."""
+        from vlmspec.train.losses import pair_targets
+
+        targets = pair_targets(batch, self.target.num_layers)
+        text = layout.index >= 0
+        return replace(targets, tokens=layout.gather(targets.tokens), positions=layout.positions,
+                       valid=layout.gather(targets.valid) & text,
+                       next_features=layout.gather(targets.next_features),
+                       answer_input=layout.gather(targets.answer_input) & text,
+                       last_features=layout.gather(targets.last_features))
