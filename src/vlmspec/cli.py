@@ -78,12 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     from vlmspec import demo
     from vlmspec.bench import cli as bench_cli
     from vlmspec.testbed import cli as testbed_cli
+    from vlmspec.train import cli as train_cli
 
     parser = argparse.ArgumentParser(prog="vlmspec", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"vlmspec {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate_parser(sub)
     testbed_cli.add_parser(sub)
+    train_cli.add_collect_parser(sub)
+    train_cli.add_train_parser(sub)
     bench_cli.add_parser(sub)
     demo.add_parser(sub)
     return parser

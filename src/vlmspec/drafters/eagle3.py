@@ -1,7 +1,7 @@
 """EAGLE-3: the draft's feature input fuses a low, a mid and a high target layer (one linear map of their
-concatenation) instead of the last state alone, and it is trained with a training-time test: several unrolled
-steps on its own predicted features (`LossConfig.steps`), mostly by cross-entropy on the logits, so its output
-space is free to differ from the target's last state.
+concatenation, each layer RMS-normalised first) instead of the last state alone, and it is trained with a
+training-time test: several unrolled steps on its own predicted features (`LossConfig.steps`), mostly by
+cross-entropy on the logits, so its output space is free to differ from the target's last state.
 
 Decoding is EAGLE-2's (`EagleDrafter`): verified pairs carry the fused true features, drafted nodes carry the
 draft's own output (which the unrolled training taught it to consume).
@@ -50,19 +50,29 @@ def default_fusion_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({1, max(1, num_layers // 2), num_layers}))
 
 
+def rms_norm(target) -> nn.Module:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return LlamaRMSNorm(target.hidden_size, eps=getattr(target.text_config, "rms_norm_eps", 1e-6))
+
+
 class FusionDrafter(EagleDrafter):
-    """An EAGLE drafter whose feature input is `fuse(concat(hidden_states[l] for l in layers))`."""
+    """An EAGLE drafter whose feature input is `fuse(concat(norm_l(hidden_states[l]) for l in layers))`."""
 
     def __init__(self, target, config):
         super().__init__(target, config)
         layers = config.layers or default_fusion_layers(target.num_layers)
         self.layers = [self.resolve_layer(layer) for layer in layers]
         hidden = target.hidden_size
+        # Intermediate states are not normalised (RMS ~100 where the last, post-norm state is ~1): each fused
+        # layer gets its own RMSNorm first, so no layer swamps the others (or bf16 precision).
+        self.layer_norms = nn.ModuleList(rms_norm(target) for _ in self.layers)
         self.fuse = nn.Linear(len(self.layers) * hidden, hidden, bias=False)
 
     def input_features(self, hidden_states: Sequence[Tensor] | dict[int, Tensor]) -> Tensor:
-        parts = [hidden_states[layer] for layer in self.layers]
-        return self.fuse(torch.cat(parts, dim=-1).to(self.fuse.weight.dtype))           # [..., S, H]
+        dtype = self.fuse.weight.dtype
+        parts = [norm(hidden_states[layer].to(dtype)) for norm, layer in zip(self.layer_norms, self.layers)]
+        return self.fuse(torch.cat(parts, dim=-1))                                        # [..., S, H]
 
     def feature_layers(self) -> list[int]:
         return sorted({*self.layers, self.target.num_layers})

@@ -3,9 +3,9 @@
 - `layers`: the fused target layers (as `eagle3`); `(-1,)` gives EAGLE-2's last-state input.
 - `visual_inputs` (the MSD idea, additive): a pair whose token is an image token gets `visual(v)` added to its
   fused input, v = the target's projected visual embedding at that position (the image-token embedding alone
-  says nothing about the picture).
-- `global_vector` (the ViSpec idea): g = mean of the projected visual embeddings of all the prompt's images; every
-  text pair after the first image gets `glob(g)` added to its input, drafted nodes included.
+  says nothing about the picture); v is RMS-normalised first.
+- `global_vector` (the ViSpec idea): g = mean of the (normalised) projected visual embeddings of all the prompt's
+  images; every text pair after the first image gets `glob(g)` added to its input, drafted nodes included.
 
 Both terms are linear maps initialised to zero, so an untrained Lumen is exactly its fusion-only core and the
 image terms grow only as far as training finds them useful. It is trained with the training-time test (3 steps)
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from vlmspec.drafters.base import register_drafter
 from vlmspec.drafters.eagle import FeatureDraftState
-from vlmspec.drafters.eagle3 import FusionDrafter, parse_layers
+from vlmspec.drafters.eagle3 import FusionDrafter, parse_layers, rms_norm
 from vlmspec.train.losses import LossConfig
 
 
@@ -47,6 +47,8 @@ class LumenDrafter(FusionDrafter):
     def __init__(self, target, config: LumenConfig):
         super().__init__(target, config)
         hidden = target.hidden_size
+        # projected visual embeddings are tiny (RMS ~0.04 in the testbed): normalise before the image terms
+        self.visual_norm = rms_norm(target) if config.visual_inputs or config.global_vector else None
         self.visual = nn.Linear(hidden, hidden, bias=False) if config.visual_inputs else None
         self.glob = nn.Linear(hidden, hidden, bias=False) if config.global_vector else None
         for layer in (self.visual, self.glob):
@@ -66,7 +68,7 @@ class LumenDrafter(FusionDrafter):
         if not image_mask.any() or (self.visual is None and self.glob is None):
             return None, None
         dtype = self.fc.weight.dtype
-        embeddings, pair_image = embeddings.to(dtype), image_mask[:, 1:]              # [B, S, H], [B, n]
+        embeddings, pair_image = self.visual_norm(embeddings.to(dtype)), image_mask[:, 1:]   # [B, S, H], [B, n]
         extra = torch.zeros_like(embeddings[:, 1:])                                    # [B, n, H]
         if self.visual is not None:
             extra = extra + self.visual(embeddings[:, 1:]) * pair_image[..., None]

@@ -304,17 +304,30 @@ def default_suite(name: str) -> Path:
     return path
 
 
-# Training mixture: suite -> weight. vqa and ocr carry the accuracy targets, so they get the most.
-TRAIN_MIX: dict[str, float] = {
+# Training mixtures: suite -> weight. vqa and ocr carry the accuracy targets, so they get the most.
+# BASE_MIX also defines the tokenizer corpus, so every stage of a run shares one tokenizer.
+BASE_MIX: dict[str, float] = {
     "vqa": 0.32, "ocr": 0.18, "chart": 0.10, "caption": 0.08,
     "describe": 0.12, "multi_image": 0.08, "text_chat": 0.12,
 }
+SHORT_MIX: dict[str, float] = {
+    "vqa": 0.34, "ocr": 0.20, "chart": 0.12, "caption": 0.08,
+    "describe": 0.08, "multi_image": 0.08, "text_chat": 0.10,
+}
+FOCUS_MIX: dict[str, float] = {
+    "vqa": 0.42, "ocr": 0.28, "chart": 0.08, "caption": 0.06,
+    "describe": 0.05, "multi_image": 0.04, "text_chat": 0.07,
+}
+MIXES = {"base": BASE_MIX, "short": SHORT_MIX, "focus": FOCUS_MIX}
 
 
-def training_sample(seed: int, index: int) -> Sample:
+def training_sample(seed: int, index: int, mix: str = "base") -> Sample:
     """Sample `index` of the training stream for a training seed (must be < EVAL_SEED_START)."""
     if not 0 <= seed < EVAL_SEED_START:
         raise ValueError(f"training seeds are in [0, {EVAL_SEED_START}); got {seed}")
+    if mix not in MIXES:
+        raise ValueError(f"unknown mix {mix!r}; choose from {', '.join(MIXES)}")
     rng = random.Random(f"train:{seed}:{index}")
-    name = rng.choices(list(TRAIN_MIX), weights=list(TRAIN_MIX.values()))[0]
+    weights = MIXES[mix]
+    name = rng.choices(list(weights), weights=list(weights.values()))[0]
     return GENERATORS[name](rng)

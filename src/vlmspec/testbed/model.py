@@ -20,7 +20,11 @@ from transformers import (
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+try:  # transformers >= 5.2x: the PIL backend needs no torchvision
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as _ImageProcessor
+except ImportError:  # older 5.x: the class of this name has the same settings
+    from transformers import CLIPImageProcessor as _ImageProcessor
 
 from vlmspec.testbed import render
 from vlmspec.testbed.data import EVAL_SEED_START, training_sample
@@ -91,7 +95,7 @@ def train_tokenizer(vocab_size: int, texts: list[str]) -> PreTrainedTokenizerFas
 
 
 def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
-    image_processor = CLIPImageProcessorPil(
+    image_processor = _ImageProcessor(
         size={"shortest_edge": render.IMAGE_SIZE},
         crop_size={"height": render.IMAGE_SIZE, "width": render.IMAGE_SIZE},
     )

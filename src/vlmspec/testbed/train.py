@@ -50,19 +50,27 @@ class TrainConfig:
     scale_weight: float = 1.0
     checkpoint_every: int = 100
     threads: int = 2
+    mix: str = "short"  # data.MIXES key
+    per_answer_loss: bool = True  # mean per answer then over answers; False: mean over all answer tokens
 
 
 def pixels(image) -> np.ndarray:
-    """What CLIPImageProcessorPil gives for an IMAGE_SIZE-square RGB image: [3, H, W] normalized float32."""
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return ((arr - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1)
+    """Raw RGB bytes [H, W, 3] uint8 of an IMAGE_SIZE-square image; `normalize` finishes the job."""
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def normalize(raw: torch.Tensor) -> torch.Tensor:
+    """[N, H, W, 3] uint8 -> [N, 3, H, W] float32, what CLIPImageProcessor gives for IMAGE_SIZE-square images."""
+    x = raw.float() / 255.0
+    x = (x - torch.from_numpy(CLIP_MEAN).to(x.device)) / torch.from_numpy(CLIP_STD).to(x.device)
+    return x.permute(0, 3, 1, 2).contiguous()
 
 
 @dataclass
 class Encoded:
     input_ids: list[int]
     labels: list[int]  # -100 outside the answer
-    pixels: list[np.ndarray]  # [3, H, W] per image, in order of appearance
+    pixels: list[np.ndarray]  # [H, W, 3] uint8 per image, in order of appearance
     patch_labels: list[np.ndarray]  # [GRID * GRID] per image
     center_labels: list[np.ndarray]  # [GRID * GRID] per image, -100 where the image has no objects
 
@@ -83,12 +91,12 @@ def encode(sample: Sample, tokenizer, n_image_tokens: int) -> Encoded:
 _WORKER: dict = {}
 
 
-def _init_worker(seed: int, tokenizer, n_image: int) -> None:
-    _WORKER.update(seed=seed, tokenizer=tokenizer, n_image=n_image)
+def _init_worker(seed: int, tokenizer, n_image: int, mix: str) -> None:
+    _WORKER.update(seed=seed, tokenizer=tokenizer, n_image=n_image, mix=mix)
 
 
 def _encode_index(index: int) -> Encoded:
-    return encode(training_sample(_WORKER["seed"], index), _WORKER["tokenizer"], _WORKER["n_image"])
+    return encode(training_sample(_WORKER["seed"], index, _WORKER["mix"]), _WORKER["tokenizer"], _WORKER["n_image"])
 
 
 class Batches:
@@ -98,22 +106,29 @@ class Batches:
     length and cut into batches), slot t % POOL of a seeded shuffle of the pool's batches.
     """
 
-    def __init__(self, seed: int, batch_size: int, tokenizer, n_image_tokens: int, workers: int = 0):
+    def __init__(self, seed: int, batch_size: int, tokenizer, n_image_tokens: int, workers: int = 0,
+                 mix: str = "short"):
         self.seed, self.batch_size, self.tokenizer, self.n_image = seed, batch_size, tokenizer, n_image_tokens
+        self.mix = mix
         self._pool_id, self._pool = None, None
-        self._procs = None
+        self._procs, self._next = None, None
         if workers > 0:
             import multiprocessing as mp
 
-            self._procs = mp.get_context("fork").Pool(workers, _init_worker, (seed, tokenizer, n_image_tokens))
+            self._procs = mp.get_context("fork").Pool(workers, _init_worker, (seed, tokenizer, n_image_tokens, mix))
+
+    def _indices(self, pool: int) -> range:
+        start = pool * POOL * self.batch_size
+        return range(start, start + POOL * self.batch_size)
 
     def _load_pool(self, pool: int) -> list[Encoded]:
-        start = pool * POOL * self.batch_size
-        indices = range(start, start + POOL * self.batch_size)
         if self._procs is not None:
-            items = self._procs.map(_encode_index, indices, chunksize=8)
+            pending = self._next if self._next is not None and self._next[0] == pool else None
+            items = pending[1].get() if pending else self._procs.map(_encode_index, self._indices(pool), chunksize=8)
+            self._next = (pool + 1, self._procs.map_async(_encode_index, self._indices(pool + 1), chunksize=8))
         else:
-            items = [encode(training_sample(self.seed, i), self.tokenizer, self.n_image) for i in indices]
+            items = [encode(training_sample(self.seed, i, self.mix), self.tokenizer, self.n_image)
+                     for i in self._indices(pool)]
         return sorted(items, key=lambda e: len(e.input_ids))  # stable: ties keep stream order
 
     def get(self, step: int) -> dict:
@@ -140,13 +155,21 @@ def collate(items: list[Encoded], pad_id: int) -> dict:
         labels[i, : len(e.labels)] = torch.tensor(e.labels)
     out = {"input_ids": ids, "labels": labels, "pixel_values": None, "patch_labels": None, "center_labels": None}
     if any(e.pixels for e in items):
-        out["pixel_values"] = torch.from_numpy(np.stack([p for e in items for p in e.pixels]))
+        out["pixel_values"] = torch.from_numpy(np.stack([p for e in items for p in e.pixels]))  # uint8 [N, H, W, 3]
         out["patch_labels"] = torch.from_numpy(np.stack([p for e in items for p in e.patch_labels]))
         out["center_labels"] = torch.from_numpy(np.stack([p for e in items for p in e.center_labels]))
     return out
 
 
-def losses(model, aux_head, batch: dict) -> dict[str, torch.Tensor]:
+def to_device(batch: dict, device: str) -> dict:
+    """Move a collated batch to `device` and normalize its raw uint8 pixels there."""
+    batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
+    if batch["pixel_values"] is not None:
+        batch["pixel_values"] = normalize(batch["pixel_values"])
+    return batch
+
+
+def losses(model, aux_head, batch: dict, per_answer: bool = True) -> dict[str, torch.Tensor]:
     """Answer cross-entropy, per-patch auxiliary cross-entropy and the image-scale penalty."""
     captured = {}
     hook = model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.update(feats=o))
@@ -156,7 +179,14 @@ def losses(model, aux_head, batch: dict) -> dict[str, torch.Tensor]:
         hook.remove()
     logits = out.logits[:, :-1].float()  # [B, T-1, V]
     targets = batch["labels"][:, 1:]
-    lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                                 reduction="none").view(targets.shape)  # [B, T-1]
+    mask = (targets != -100).float()
+    # mean per answer, then over answers: a one-word answer weighs as much as a long description
+    if per_answer:
+        lm = ((token_loss * mask).sum(1) / mask.sum(1).clamp(min=1.0)).mean()
+    else:
+        lm = (token_loss * mask).sum() / mask.sum().clamp(min=1.0)
     result = {"lm": lm}
     if batch["pixel_values"] is not None:
         feats = captured["feats"].float()  # [n_images, 64, hidden]
@@ -199,14 +229,15 @@ def _resolve_out(out: Path | None) -> Path:
 
 def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minutes: float | None = None,
           arch: ArchConfig | None = None, train: TrainConfig | None = None, progress: bool = True,
-          stop_at: int | None = None, device: str = "cpu", workers: int = 0) -> Path:
+          stop_at: int | None = None, device: str = "cpu", workers: int = 0, init: Path | None = None) -> Path:
     """Train (or resume) the testbed model in `out`; return `out`, which then holds a loadable bf16 model.
 
     Deterministic for (seed, steps, arch, train config) on a given machine and thread count. `minutes` caps the
     wall time of this call: the run checkpoints and stops early, and a later call resumes it. `stop_at` stops
     after that step as a kill would (checkpoint written, no export); tests use it to check resuming.
     `device` (default cpu) and `workers` (data processes, default 0 = in-process) change speed, not the recipe;
-    bf16 autocast runs on the device.
+    bf16 autocast runs on the device. `init` starts from the weights of a saved testbed model (same
+    architecture and tokenizer) instead of a random initialization.
     """
     if not 0 <= seed < EVAL_SEED_START:
         raise ValueError(f"training seed must be in [0, {EVAL_SEED_START}), got {seed}")
@@ -225,8 +256,15 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
 
     tokenizer = train_tokenizer(arch.vocab_size, corpus())
     processor = build_processor(tokenizer)
+    processor.save_pretrained(out)  # a run folder with a checkpoint is always exportable
     torch.manual_seed(seed)
-    model = build_model(arch, tokenizer).to(device)
+    model = build_model(arch, tokenizer)
+    if init is not None:
+        from transformers import LlavaForConditionalGeneration
+
+        start = LlavaForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+        model.load_state_dict(start.state_dict())
+    model = model.to(device)
     aux_head = torch.nn.Linear(arch.hidden_size, 2 * render.N_PATCH_CLASSES).to(device)
     params = list(model.parameters()) + list(aux_head.parameters())
     decay = [p for p in params if p.ndim >= 2]
@@ -245,7 +283,7 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
         torch.set_rng_state(state["torch_rng"].cpu())
         step = state["step"]
     n_image = processor.image_processor.crop_size["height"] // render.PATCH
-    batches = Batches(seed, cfg.batch_size, tokenizer, n_image * n_image, workers)
+    batches = Batches(seed, cfg.batch_size, tokenizer, n_image * n_image, workers, cfg.mix)
 
     def save_checkpoint() -> None:
         _atomic_save({"model": model.state_dict(), "aux_head": aux_head.state_dict(),
@@ -258,11 +296,11 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
     while step < cfg.steps:
         if minutes is not None and time.monotonic() - started > minutes * 60:
             break
-        batch = {k: v.to(device) if v is not None else None for k, v in batches.get(step).items()}
+        batch = to_device(batches.get(step), device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-            parts = losses(model, aux_head, batch)
+            parts = losses(model, aux_head, batch, cfg.per_answer_loss)
         loss = parts["lm"] + cfg.aux_weight * parts.get("aux", 0.0) + cfg.scale_weight * parts.get("scale", 0.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -303,3 +341,20 @@ def export(model, processor, out: Path) -> None:
     for item in tmp.iterdir():
         os.replace(item, out / item.name)
     tmp.rmdir()
+
+
+def export_checkpoint(run: Path, out: Path) -> Path:
+    """Export the latest checkpoint of a (possibly unfinished) run as a plain bf16 model folder."""
+    from transformers import AutoProcessor
+
+    run, out = Path(run), _resolve_out(Path(out))
+    ckpt_path = run / CHECKPOINT
+    if not ckpt_path.is_file():
+        raise ValueError(f"no {CHECKPOINT} in {run}")
+    state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+    processor = AutoProcessor.from_pretrained(run)
+    model = build_model(ArchConfig(**state["arch"]), processor.tokenizer)
+    model.load_state_dict(state["model"])
+    out.mkdir(parents=True, exist_ok=True)
+    export(model, processor, out)
+    return out

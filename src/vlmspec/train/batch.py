@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -22,3 +23,15 @@ class TrainBatch:
     image_mask: Tensor                      # [B, S] bool: positions holding visual embeddings
     image_spans: list[list[tuple[int, int]]]  # per sequence: [start, end) of each run of image tokens
     positions: Tensor                       # [B, S] ([3, B, S] for M-RoPE targets)
+
+    @classmethod
+    def from_prefill(cls, prefill, layers, loss_mask: Tensor | None = None) -> "TrainBatch":
+        """A batch from a target prefill over a whole sequence (`Target.prefill` output); `loss_mask` [B, S]
+        defaults to every position but the last."""
+        ids = prefill.input_ids
+        if loss_mask is None:
+            loss_mask = torch.ones_like(ids, dtype=torch.bool)
+            loss_mask[:, -1] = False
+        return cls(input_ids=ids, attention_mask=torch.ones_like(ids, dtype=torch.bool), loss_mask=loss_mask,
+                   hidden_states={layer: prefill.hidden_states[layer] for layer in layers},
+                   image_mask=prefill.image_mask, image_spans=prefill.image_spans, positions=prefill.positions)

@@ -1,0 +1,192 @@
+"""Testbed: suite format and determinism, tokenizer/processor round trip, a training smoke test, the CLI, and
+the shipped model's answers on evaluation seeds (skipped when the weights are not installed)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vlmspec.testbed import SHIPPED_DIR, data, render, shipped_path
+from vlmspec.testbed.model import TINY, build_model, build_processor, corpus, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(512, corpus(n=400))
+
+
+@pytest.mark.parametrize("name", data.SUITES)
+def test_write_suite_format_and_determinism(tmp_path, name):
+    path = data.write_suite(name, 4, data.EVAL_SEED_START + 7, tmp_path / "a")
+    again = data.write_suite(name, 4, data.EVAL_SEED_START + 7, tmp_path / "b")
+    lines = path.read_text().splitlines()
+    assert len(lines) == 4
+    assert [json.loads(x)["reference"] for x in lines] == [json.loads(x)["reference"] for x in again.read_text().splitlines()]
+    for line in lines:
+        record = json.loads(line)
+        assert set(record) == {"id", "category", "images", "messages", "reference"}
+        parts = record["messages"][0]["content"]
+        assert sum(p["type"] == "image" for p in parts) == len(record["images"])
+        for rel in record["images"]:
+            assert (path.parent / rel).is_file()
+            assert (path.parent / rel).read_bytes() == (again.parent / rel).read_bytes()
+        assert record["reference"]
+
+
+def test_seeds_disjoint_and_validated(tmp_path):
+    assert all(seed >= data.EVAL_SEED_START for _, seed in data.SUITE_DEFAULTS.values())
+    with pytest.raises(ValueError, match="training seeds"):
+        data.training_sample(data.EVAL_SEED_START, 0)
+    with pytest.raises(ValueError, match="unknown suite"):
+        data.write_suite("nope", 1, 1, tmp_path)
+    with pytest.raises(ValueError, match="n must be"):
+        data.write_suite("vqa", 0, 1, tmp_path)
+    a = data.make_sample("vqa", data.EVAL_SEED_START, 0)
+    b = data.make_sample("vqa", data.EVAL_SEED_START + 1, 0)
+    assert (a.question, a.answer) != (b.question, b.answer) or a.images[0].image.tobytes() != b.images[0].image.tobytes()
+
+
+def test_answer_spaces_are_broad():
+    answers: dict[str, set] = {}
+    for i in range(400):
+        s = data.make_sample("vqa", 0, i)
+        answers.setdefault(s.category, set()).add(s.answer)
+    assert len(answers["color"]) >= 6 and len(answers["shape"]) == 3
+    assert answers["count"] == {"1", "2", "3", "4", "5"} and len(answers["position"]) == 9
+    assert len({data.make_sample("ocr", 0, i).answer for i in range(400)}) >= 30
+
+
+def test_patch_labels_mark_letters():
+    import random
+
+    rendered = render.render_word("cat", random.Random(0))
+    letters = sorted(int(x) for x in rendered.patch_labels.reshape(-1) if x)
+    assert letters == sorted(render.letter_class(c) for c in "CAT")
+
+
+def test_processor_round_trip(tmp_path, tokenizer):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = build_processor(tokenizer)
+    torch.manual_seed(0)
+    model = build_model(TINY, tokenizer)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    sample = data.make_sample("multi_image", 0, 0)
+    text = processor.apply_chat_template(sample.messages(), add_generation_prompt=True)
+    assert text.count("<image>") == 2 and text.endswith("ASSISTANT:")
+    inputs = processor(images=[r.image for r in sample.images], text=text, return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 2 * render.GRID * render.GRID
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    ids = processor.tokenizer(" " + sample.answer, add_special_tokens=False)["input_ids"]
+    assert processor.tokenizer.decode(ids).strip() == sample.answer
+
+
+def test_training_pixels_match_processor(tokenizer):
+    from vlmspec.testbed.train import normalize, pixels
+
+    image = data.make_sample("vqa", 0, 3).images[0].image
+    expected = build_processor(tokenizer).image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    assert torch.allclose(normalize(torch.from_numpy(pixels(image).copy())[None]), expected, atol=1e-5)
+
+
+def test_training_smoke_loss_falls_and_resume_is_exact(tmp_path):
+    from safetensors.torch import load_file
+
+    from vlmspec.testbed.train import CHECKPOINT, TrainConfig, build
+
+    cfg = TrainConfig(steps=12, batch_size=4, warmup=2, lr=3e-3, checkpoint_every=5, threads=1)
+    full = build(tmp_path / "full", seed=3, arch=TINY, train=cfg, progress=False)
+    killed = build(tmp_path / "resumed", seed=3, arch=TINY, train=cfg, progress=False, stop_at=7)
+    assert (killed / CHECKPOINT).is_file() and not (killed / "model.safetensors").exists()
+    assert torch.load(killed / CHECKPOINT, weights_only=False)["step"] == 7
+    build(tmp_path / "resumed", seed=3, arch=TINY, train=cfg, progress=False)
+    a, b = load_file(full / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(v.dtype == torch.bfloat16 for v in a.values())
+    assert not any("aux" in k for k in a)  # training-only heads are not saved
+
+
+def test_training_loss_decreases(tokenizer):
+    from vlmspec.testbed.train import Batches, losses, to_device
+
+    torch.manual_seed(0)
+    model = build_model(TINY, tokenizer)
+    head = torch.nn.Linear(TINY.hidden_size, 2 * render.N_PATCH_CLASSES)
+    batch = to_device(Batches(5, 4, tokenizer, render.GRID * render.GRID).get(0), "cpu")
+    opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=3e-3)
+    first = None
+    for _ in range(15):
+        lm = losses(model, head, batch)["lm"]
+        first = first if first is not None else float(lm.detach())
+        opt.zero_grad()
+        lm.backward()
+        opt.step()
+    assert float(lm) < 0.7 * first
+
+
+def test_build_refuses_shipped_neighbourhood(tmp_path):
+    from vlmspec.testbed.train import build
+
+    with pytest.raises(ValueError, match="shipped weights"):
+        build(SHIPPED_DIR / "sub", steps=1)
+    with pytest.raises(ValueError, match="training seed"):
+        build(tmp_path, seed=-1, steps=1)
+
+
+def test_cli_data_and_errors(tmp_path, capsys):
+    from vlmspec.cli import main
+
+    assert main(["testbed", "data", "--suite", "ocr", "--n", "2", "--seed", "1000000", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "suite.jsonl").is_file()
+    assert main(["testbed", "data", "--suite", "bogus", "--n", "2", "--seed", "1", "--out", str(tmp_path)]) == 2
+    assert "unknown suite" in capsys.readouterr().err
+    for sub in ("build", "data", "eval"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["testbed", sub, "--help"])
+        assert exit_info.value.code == 0
+
+
+def test_default_suite_uses_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMSPEC_CACHE", str(tmp_path))
+    monkeypatch.setitem(data.SUITE_DEFAULTS, "ocr", (3, data.EVAL_SEED_START + 4))
+    path = data.default_suite("ocr")
+    assert path.is_file() and str(path).startswith(str(tmp_path))
+    assert len(path.read_text().splitlines()) == 3
+
+
+shipped = pytest.mark.skipif(not (SHIPPED_DIR / "model.safetensors").is_file(), reason="shipped weights missing")
+
+
+@shipped
+def test_shipped_model_answers_evaluation_seeds():
+    from vlmspec.testbed.evaluate import evaluate_records, load
+
+    model, processor = load(shipped_path())
+    config = model.config
+    assert config.text_config.num_hidden_layers >= 16
+    assert config.image_seq_length >= 64
+    assert sum(f.stat().st_size for f in SHIPPED_DIR.iterdir()) <= 60 * 2**20
+    for name, threshold in (("vqa", 0.7), ("ocr", 0.7)):
+        seed = data.SUITE_DEFAULTS[name][1]
+        records = []
+        for i in range(20):
+            s = data.make_sample(name, seed, i)
+            records.append({"id": str(i), "category": s.category, "images": [r.image for r in s.images],
+                            "messages": s.messages(), "reference": s.answer})
+        assert evaluate_records(model, processor, records)["accuracy"] >= threshold, name
+
+
+def test_shipped_path_error(monkeypatch, tmp_path):
+    import vlmspec.testbed as testbed
+
+    monkeypatch.setattr(testbed, "SHIPPED_DIR", tmp_path / "missing")
+    with pytest.raises(ValueError, match="missing"):
+        testbed.shipped_path()
+    assert np.isfinite(1.0)
