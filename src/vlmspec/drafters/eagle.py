@@ -29,8 +29,9 @@ from vlmspec.drafters.layers import DraftDecoder, draft_layer_config
 from vlmspec.pending import PendingNodes
 from vlmspec.target.cache import compact_cache
 from vlmspec.train.losses import LossConfig, pair_targets, unrolled_loss
-from vlmspec.tree import Tree, TreeBuilder, TreeConfig
-from vlmspec.verify import SamplingConfig, warp_logits
+from vlmspec.drafters.treedraft import draft_tree
+from vlmspec.tree import Tree, TreeConfig
+from vlmspec.verify import SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -127,24 +128,10 @@ class EagleDrafter(Drafter):
         compact_cache(state.cache, state.length, list(range(count)))           # catch-up pairs are true: keep
         state.length += count
         state.pending.clear()
-        builder = TreeBuilder(tree_config, state.tokens[-1], generator=generator, sample=not sampling.greedy)
-        node_feature = {0: out[-1]}                                             # builder node → predicted feature
-        node_pending = {0: -1}                                                  # builder node → pending index
-        frontier = builder.frontier()
-        while frontier:
-            logits = self.draft_logits(torch.stack([node_feature[n] for n in frontier]))     # [F, V]
-            builder.expand(logits if sampling.greedy else warp_logits(logits, sampling))
-            frontier = builder.frontier()
-            if not frontier:
-                break
-            parents = [builder.parent(n) for n in frontier]
-            base = len(state.pending)
-            predicted = self._run_pending(state, [builder.token(n) for n in frontier],
-                                          torch.stack([node_feature[p] for p in parents]),
-                                          [node_pending[p] for p in parents], state.node_extra)
-            for offset, node in enumerate(frontier):
-                node_feature[node], node_pending[node] = predicted[offset], base + offset
-        return builder.build()
+        return draft_tree(state.tokens[-1], out[-1], self.draft_logits,
+                          lambda tokens, features, parents: self._run_pending(state, tokens, features, parents,
+                                                                              state.node_extra),
+                          tree_config, sampling, generator)
 
     def accept(self, state: FeatureDraftState, tree: Tree, path: list[int], verified, bonus: int) -> None:
         compact_cache(state.cache, state.length, [])                           # drop the drafted nodes

@@ -36,8 +36,9 @@ from vlmspec.drafters.layers import DraftDecoder, draft_layer_config
 from vlmspec.pending import PendingNodes
 from vlmspec.target.base import image_spans
 from vlmspec.target.cache import compact_cache
-from vlmspec.tree import Tree, TreeBuilder, TreeConfig
-from vlmspec.verify import SamplingConfig, warp_logits
+from vlmspec.drafters.treedraft import draft_tree
+from vlmspec.tree import Tree, TreeConfig
+from vlmspec.verify import SamplingConfig
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -334,24 +335,9 @@ class VisualFeatureDrafter(Drafter):
                 generator: torch.Generator | None) -> Tree:
         """EAGLE-2 drafting: one draft forward per tree level (flash overrides this)."""
         root_feature = self._catch_up(state)
-        builder = TreeBuilder(tree_config, state.root, generator=generator, sample=not sampling.greedy)
-        node_feature = {0: root_feature}                                        # builder node → predicted feature
-        node_pending = {0: -1}                                                  # builder node → pending index
-        frontier = builder.frontier()
-        while frontier:
-            logits = self.draft_logits(torch.stack([node_feature[n] for n in frontier]))     # [F, V]
-            builder.expand(logits if sampling.greedy else warp_logits(logits, sampling))
-            frontier = builder.frontier()
-            if not frontier:
-                break
-            parents = [builder.parent(n) for n in frontier]
-            base = len(state.pending)
-            predicted = self._run_nodes(state, [builder.token(n) for n in frontier],
-                                        torch.stack([node_feature[p] for p in parents]),
-                                        [node_pending[p] for p in parents])
-            for offset, node in enumerate(frontier):
-                node_feature[node], node_pending[node] = predicted[offset], base + offset
-        return builder.build()
+        return draft_tree(state.root, root_feature, self.draft_logits,
+                          lambda tokens, features, parents: self._run_nodes(state, tokens, features, parents),
+                          tree_config, sampling, generator)
 
     def accept(self, state: VisualDraftState, tree: Tree, path: list[int], verified, bonus: int) -> None:
         compact_cache(state.cache, state.length, [])                           # drop the drafted nodes
