@@ -194,7 +194,7 @@ def test_decode_features_equal_the_training_forward(any_target, name):
 def collected(target, tmp_path_factory):
     """Regenerated answers of a few one/two-image and text-only prompts, collected for every layer."""
     from vlmspec.train.collect import CollectConfig, collect
-    from vlmspec.train.suites import read_suite
+    from vlmspec.bench.suites import read_suite
 
     folder = tmp_path_factory.mktemp("suite")
     rng = random.Random(11)
@@ -232,7 +232,7 @@ def test_trains_with_the_trainer_and_round_trips(target, collected, name, tmp_pa
         torch.testing.assert_close(loaded.state_dict()[key], value)
     check_greedy_equality(target, loaded, seed=1)
     # it learned: on a training prompt with images the target's own answer is drafted and accepted
-    from vlmspec.train.suites import read_suite
+    from vlmspec.bench.suites import read_suite
 
     sample = read_suite(collected.parent / "suite.jsonl")[2]
     stats = Generator(target, loaded, TreeConfig("chain", depth=4)).generate(
