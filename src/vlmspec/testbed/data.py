@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmspec.testbed import render
-from vlmspec.testbed.render import COLORS, POSITIONS, SHAPES, Obj, Rendered
+from vlmspec.testbed.render import COLORS, SHAPES, Obj, Rendered
 
 EVAL_SEED_START = 1_000_000
 SUITES = ("caption", "describe", "vqa", "ocr", "chart", "multi_image", "text_chat")
@@ -214,7 +214,7 @@ def story(rng: random.Random, animal: str) -> str:
     middle = rng.sample((f"One day, {name} found {thing}.",
                          f"{name} liked to walk every morning.",
                          f"{name} had a good friend, a {rng.choice(_ANIMALS)}.",
-                         f"It was a cold and windy day.",
+                         "It was a cold and windy day.",
                          f"{name} wanted to see the sea."), rng.randint(2, 3))
     ending = rng.choice((f"In the end, {name} went home happy.",
                          f"From that day on, {name} was never sad again.",

@@ -13,7 +13,6 @@ Metrics:
 from __future__ import annotations
 
 import json
-import math
 import re
 import tempfile
 from pathlib import Path
@@ -141,7 +140,6 @@ def evaluate(model_dir: Path, n: int | None = None, suites: tuple[str, ...] = SU
     for name in suites:
         if name not in SUITES:
             raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model, processor = load(Path(model_dir))
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -181,4 +179,3 @@ if __name__ == "__main__":  # pragma: no cover
     rep = evaluate(Path(sys.argv[1]), n=int(sys.argv[2]) if len(sys.argv) > 2 else None)
     print(summary_table(rep))
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in rep.items()}, indent=1))
-    _ = math
