@@ -237,7 +237,8 @@ def test_text_assistant_trains_and_serves_as_peer_and_draft_model(tmp_path):
     suite.write_text(json.dumps({"id": "a", "category": "vqa", "images": ["red.png"],
                                  "prompt": "<image> What color is the shape?"}) + "\n")
     out = run_bench(BenchConfig(target=str(target), drafters=("none", "draft-model"), suite_files=(str(suite),),
-                                drafter_options=(f"draft-model:model={assistant}", "draft-model:tree=kind=chain,depth=3"),
+                                drafter_options=(f"draft-model:model={assistant}",
+                                                 "draft-model:tree=kind=chain,depth=3"),
                                 peers=(f"hf-assisted:{assistant}",),
                                 max_new_tokens=6, out=str(tmp_path / "run"), cost_repeats=1, plots=False),
                     progress=False)

@@ -35,6 +35,7 @@ class GenerationStats:
     accepted_per_step: list[int] = field(default_factory=list)
     draft_forwards_per_step: list[int] = field(default_factory=list)
     tree_nodes_per_step: list[int] = field(default_factory=list)
+    tree_depth_per_step: list[int] = field(default_factory=list)
 
     @property
     def tau(self) -> float:
@@ -48,7 +49,7 @@ class GenerationStats:
     def accepted_by_depth(self) -> list[float]:
         steps = [a for a, n in zip(self.accepted_per_step, self.tree_nodes_per_step) if n > 1]
         rates = []
-        for depth in range(1, max(steps, default=0) + 1):
+        for depth in range(1, max(self.tree_depth_per_step, default=0) + 1):
             reached = sum(a >= depth - 1 for a in steps)
             rates.append(sum(a >= depth for a in steps) / reached if reached else 0.0)
         return rates
@@ -166,6 +167,7 @@ class Generator:
             stats.accepted_per_step.append(accepted)
             stats.draft_forwards_per_step.append(getattr(draft_state, "forwards", 0) - forwards_before)
             stats.tree_nodes_per_step.append(int(tree.num_nodes[0]))
+            stats.tree_depth_per_step.append(int(tree.depths()[0].max()))
             stats.new_tokens, stats.seconds = len(out), end - start
             token = bonus
             yield

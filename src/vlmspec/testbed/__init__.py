@@ -1,7 +1,8 @@
 """The testbed: a small LLaVA VLM trained here from scratch and shipped as package data, plus its suites.
 
 `SHIPPED_DIR` is the folder of the shipped model (config, processor, tokenizer, chat template, bf16
-`model.safetensors`); `shipped_path()` returns it or raises a clear `ValueError` when the weights are missing.
+`model.safetensors`); `SHIPPED_DRAFTERS_DIR/<type>` holds the trained drafters shipped as `testbed:<type>`;
+`shipped_path()` returns it or raises a clear `ValueError` when the weights are missing.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
+SHIPPED_DRAFTERS_DIR = Path(__file__).resolve().parent / "drafters"   # testbed:<type> → SHIPPED_DRAFTERS_DIR/<type>
 
 
 def shipped_path() -> Path:
