@@ -137,7 +137,9 @@ class Generator:
         stats.prefill_seconds = time.perf_counter() - start
         done = self._emit([token], out, eos, stop, max_new_tokens, tokenizer)
         stats.new_tokens, stats.seconds = len(out), time.perf_counter() - start
+        paused = time.perf_counter()
         yield
+        start += time.perf_counter() - paused          # time spent by the consumer between steps is not ours
         while not done:
             tick = time.perf_counter()
             forwards_before = getattr(draft_state, "forwards", 0)
@@ -158,11 +160,12 @@ class Generator:
             new_tokens = tree.tokens[0, path[1:]].tolist() + [bonus]
             verify_end = time.perf_counter()
             done = self._emit(new_tokens, out, eos, stop, max_new_tokens, tokenizer)
+            accept_start = time.perf_counter()
             if drafter is not None and not done:
                 drafter.accept(draft_state, tree, path, verified, bonus)
             end = time.perf_counter()
             stats.target_forwards += 1
-            stats.draft_seconds += (tock - tick) + (end - verify_end)
+            stats.draft_seconds += (tock - tick) + (end - accept_start)
             stats.verify_seconds += verify_end - tock
             stats.accepted_per_step.append(accepted)
             stats.draft_forwards_per_step.append(getattr(draft_state, "forwards", 0) - forwards_before)
@@ -170,7 +173,9 @@ class Generator:
             stats.tree_depth_per_step.append(int(tree.depths()[0].max()))
             stats.new_tokens, stats.seconds = len(out), end - start
             token = bonus
+            paused = time.perf_counter()
             yield
+            start += time.perf_counter() - paused
 
     @staticmethod
     def _emit(tokens: list[int], out: list[int], eos: set[int], stop: Sequence[str], max_new_tokens: int,
