@@ -38,62 +38,29 @@ def _median_seconds(fn, repeats: int, warmup: int) -> float:
 
 
 @torch.inference_mode()
-def measure_costs(model_dir: Path, ks: tuple[int, ...] = tuple(range(1, 65)), prompt_len: int | None = None,
-                  repeats: int = 31, warmup: int = 3, dtype: torch.dtype = torch.bfloat16,
-                  threads: int | None = None) -> dict:
-    """c(k) for each k, c(k)/c(1), and the one-layer draft head's cost relative to c(1).
-
-    `prompt_len` defaults to the token length of the first `vqa` evaluation prompt (image tokens included).
-    """
-    from transformers import AutoProcessor, DynamicCache, LlavaForConditionalGeneration
+def measure_costs(model_dir: Path, ks: tuple[int, ...] = tuple(range(1, 65)), repeats: int = 31, warmup: int = 3,
+                  dtype: torch.dtype = torch.bfloat16, threads: int | None = None) -> dict:
+    """c(k) for each k, c(k)/c(1), and the one-layer draft head's cost relative to c(1), against a cache of the
+    first `vqa` evaluation prompt (image tokens included). c(k) is `vlmspec.bench.costs`' measurement."""
+    from transformers import DynamicCache
     from transformers.models.llama.modeling_llama import LlamaModel
 
+    from vlmspec.bench.costs import measure_cost_samples
+    from vlmspec.target import Target
     from vlmspec.testbed.data import SUITE_DEFAULTS, make_sample
 
     if threads is not None:
         torch.set_num_threads(threads)
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
+    target = Target.from_pretrained(model_dir, dtype=dtype)
     sample = make_sample("vqa", SUITE_DEFAULTS["vqa"][1], 0)
-    text = processor.apply_chat_template(sample.messages(), add_generation_prompt=True)
-    inputs = processor(images=[r.image for r in sample.images], text=text, return_tensors="pt")
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    if prompt_len is None:
-        prompt_len = inputs["input_ids"].shape[1]
-    vocab = model.config.text_config.vocab_size
-    gen = torch.Generator().manual_seed(0)
-
-    cache = DynamicCache(config=model.config.text_config)
-    model(**inputs, past_key_values=cache, use_cache=True)  # prefill with the real image prompt
-    base = cache.get_seq_length()
-    if prompt_len != base:  # pad or cut the cache to the asked length with text tokens
-        _truncate(cache, min(base, prompt_len))
-        if prompt_len > base:
-            extra = torch.randint(0, vocab, (1, prompt_len - base), generator=gen)
-            model(input_ids=extra, past_key_values=cache, use_cache=True)
-
-    def target_forward(k: int):
-        ids = torch.randint(0, vocab, (1, k), generator=gen)
-
-        def run():
-            model(input_ids=ids, past_key_values=cache, use_cache=True)
-            _truncate(cache, prompt_len)
-
-        return run
-
-    # Interleave k within each round, so a burst of load from other processes hits every k alike.
-    runs = {k: target_forward(k) for k in ks}
-    for _ in range(warmup):
-        for k in ks:
-            runs[k]()
-    samples: dict[int, list[float]] = {k: [] for k in ks}
-    for _ in range(repeats):
-        for k in ks:
-            start = time.perf_counter()
-            runs[k]()
-            samples[k].append(time.perf_counter() - start)
+    inputs = target.encode([r.image for r in sample.images], messages=sample.messages())
+    prompt_len = inputs["input_ids"].shape[1]
+    samples = measure_cost_samples(target, inputs, ks, repeats=repeats, warmup=warmup)
+    ks = sorted(samples)
     c = {k: statistics.median(v) for k, v in samples.items()}
     c_min = {k: min(v) for k, v in samples.items()}  # the least-disturbed run, for a loaded machine
+    model, vocab = target.model, target.vocab_size
+    gen = torch.Generator().manual_seed(0)
 
     text_config = model.config.text_config
     draft_config = type(text_config).from_dict({**text_config.to_dict(), "num_hidden_layers": 1})
