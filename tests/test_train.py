@@ -16,6 +16,7 @@ from vlmspec.testing import FAMILIES, save_tiny_model
 from vlmspec.drafters import build_drafter, load_drafter
 from vlmspec.drafters.layers import causal_mask
 from vlmspec.engine import Generator
+from vlmspec.tree import TreeConfig
 from vlmspec.train.batch import TrainBatch
 from vlmspec.train.collect import CollectConfig, collect
 from vlmspec.train.data import BatchStream, CollectedData, Curriculum
@@ -120,6 +121,9 @@ def test_collect_regenerate_stores_the_targets_own_answer(tiny, tmp_path):
     expected = Generator(target).generate(sample.images, prompt=sample.prompt + " in detail", max_new_tokens=6)
     assert int(shard["0/loss_mask"].sum()) == len(expected.token_ids)
     assert shard["0/input_ids"][-len(expected.token_ids):].tolist() == expected.token_ids
+    speculative = Generator(target, build_drafter("prompt-lookup", target), TreeConfig("chain", depth=3))
+    out = collect(target, [sample], tmp_path / "regen-with", config, progress=False, generator=speculative)
+    assert torch.equal(load_file(str(out / "shard-00000.safetensors"))["0/input_ids"], shard["0/input_ids"])
 
 
 @pytest.mark.parametrize("family", [name for name in FAMILIES if name != "llama"])
@@ -219,7 +223,8 @@ def test_cli_collect_train_generate(tiny, tmp_path, capsys):
     (["collect", "--suite-file", "missing.jsonl"], "not found"),
     (["collect", "--layers", "0,9"], "out of range"),
     (["collect"], "--suites, --suite-file or --data"),
-    (["collect", "--long-answer-suffix", "long"], "only applies with --regenerate"),
+    (["collect", "--long-answer-suffix", "long"], "only apply with --regenerate"),
+    (["collect", "--regenerate-with", "testbed:eagle"], "only apply with --regenerate"),
     (["collect", "--suites", "nope"], "unknown suite"),
     (["train", "--drafter", "nope", "--steps", "1"], "unknown drafter type"),
     (["train", "--drafter", "eagle", "--steps", "1", "--loss", "bogus=1"], "bad loss option"),

@@ -75,8 +75,8 @@ def collect_command(args: argparse.Namespace) -> int:
     from vlmspec.target import Target
     from vlmspec.train.collect import CollectConfig, collect
 
-    if args.long_answer_suffix and not args.regenerate:
-        raise ValueError("--long-answer-suffix only applies with --regenerate")
+    if (args.long_answer_suffix or args.regenerate_with) and not args.regenerate:
+        raise ValueError("--long-answer-suffix and --regenerate-with only apply with --regenerate")
     if args.shard_size < 1 or args.max_new_tokens < 1:
         raise ValueError("--shard-size and --max-new-tokens must be >= 1")
     out = Path(args.out)
@@ -85,7 +85,15 @@ def collect_command(args: argparse.Namespace) -> int:
     config = CollectConfig(layers=collect_layers(args, target), regenerate=args.regenerate,
                            long_answer_suffix=args.long_answer_suffix, max_new_tokens=args.max_new_tokens,
                            shard_size=args.shard_size, sources=names)
-    collect(target, samples, out, config, progress=not args.quiet)
+    generator = None
+    if args.regenerate_with:
+        from vlmspec.engine import Generator
+        from vlmspec.runtime import open_drafter
+        from vlmspec.tree import TreeConfig
+
+        drafter, tree = open_drafter(args.regenerate_with, target)
+        generator = Generator(target, drafter, tree or TreeConfig())
+    collect(target, samples, out, config, progress=not args.quiet, generator=generator)
     print(f"collected {len(samples)} samples (layers {config.layers}) into {out}")
     return 0
 
@@ -109,6 +117,9 @@ def add_collect_parser(sub) -> None:
     parser.add_argument("--regenerate", action="store_true", help="answers written by the target itself (greedy)")
     parser.add_argument("--long-answer-suffix", default="", metavar="S",
                         help="with --regenerate: text appended to the prompt, e.g. 'Answer in detail.'")
+    parser.add_argument("--regenerate-with", default=None, metavar="DRAFTER",
+                        help="with --regenerate: write the answers with this drafter (a checkpoint or "
+                             "testbed:<type>) — the same answers, faster (speculative decoding is lossless)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="regenerated answer budget")
     parser.add_argument("--layers", default=None, help="hidden-state indices to store, e.g. 0,2,4 (0 = embeddings)")
     parser.add_argument("--drafters", default=None,

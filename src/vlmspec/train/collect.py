@@ -2,8 +2,10 @@
 
 Per sample: the token ids of prompt + answer, the loss mask (t where token t+1 is an answer token), the image mask,
 the target's positions, and the hidden states of the requested layers (bf16). The answer is the suite's
-`reference` (teacher forcing) or, with `regenerate`, the target's own greedy answer written by the engine's plain
-`Generator` (ViSpec: train on what the target says, optionally asked for long answers with a prompt suffix).
+`reference` (teacher forcing) or, with `regenerate`, the target's own greedy answer written by the engine's
+`Generator` (ViSpec: train on what the target says, optionally asked for long answers with a prompt suffix). The
+generator may carry a trained drafter to write the answers faster: speculative decoding is lossless, so the answers
+are the target's own (in fp32 exactly; in bf16 a near-tie may round the other way, as for any bf16 run).
 
 Layout of the output folder:
 
@@ -27,7 +29,9 @@ import torch
 from torch import Tensor
 
 from vlmspec.bench.suites import SuiteSample
+from vlmspec.engine import Generator
 from vlmspec.target import Target
+from vlmspec.verify import SamplingConfig
 
 COLLECT_VERSION = 1
 
@@ -65,13 +69,13 @@ def with_suffix(sample: SuiteSample, suffix: str) -> SuiteSample:
     return replace(sample, messages=messages)
 
 
-def answer_ids(target: Target, sample: SuiteSample, inputs: dict[str, Tensor], config: CollectConfig) -> list[int]:
-    """Reference answer as the target was trained to see it (" answer" + eos), or the target's own answer."""
+def answer_ids(target: Target, sample: SuiteSample, inputs: dict[str, Tensor], config: CollectConfig,
+               generator: Generator | None = None) -> list[int]:
+    """Reference answer as the target was trained to see it (" answer" + eos), or the target's own greedy answer
+    (written by `generator`, default plain decoding)."""
     if config.regenerate:
-        from vlmspec.engine import Generator
-        from vlmspec.verify import SamplingConfig
-
-        *_, result = Generator(target).stream_inputs(inputs, config.max_new_tokens, SamplingConfig(), seed=0)
+        generator = generator or Generator(target)
+        *_, result = generator.stream_inputs(inputs, config.max_new_tokens, SamplingConfig(), seed=0)
         return result.token_ids
     if not sample.reference:
         raise ValueError(f"sample {sample.id!r} has no reference answer; collect it with --regenerate")
@@ -96,13 +100,14 @@ def extend_inputs(inputs: dict[str, Tensor], answer: Tensor) -> dict[str, Tensor
     return full
 
 
-def collect_sample(target: Target, sample: SuiteSample, config: CollectConfig) -> dict[str, Tensor]:
+def collect_sample(target: Target, sample: SuiteSample, config: CollectConfig,
+                   generator: Generator | None = None) -> dict[str, Tensor]:
     """One sample's tensors (see the module docstring); keys without the "<j>/" prefix."""
     if config.regenerate:
         sample = with_suffix(sample, config.long_answer_suffix)
     inputs = target.encode(list(sample.images), sample.prompt, sample.messages)
     prompt_length = inputs["input_ids"].shape[1]
-    answer = answer_ids(target, sample, inputs, config)
+    answer = answer_ids(target, sample, inputs, config, generator)
     answer = answer[: max(0, target.context_length - prompt_length)]
     if not answer:
         raise ValueError(f"sample {sample.id!r}: no room for an answer in the target's context")
@@ -122,8 +127,9 @@ def collect_sample(target: Target, sample: SuiteSample, config: CollectConfig) -
 
 
 def collect(target: Target, samples: Sequence[SuiteSample], out: str | Path, config: CollectConfig,
-            progress: bool = True) -> Path:
-    """Collect `samples` into `out` (resumable: finished shards are kept). Returns `out`."""
+            progress: bool = True, generator: Generator | None = None) -> Path:
+    """Collect `samples` into `out` (resumable: finished shards are kept). Returns `out`. `generator` (over
+    `target`) writes regenerated answers; default: plain decoding."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -153,7 +159,7 @@ def collect(target: Target, samples: Sequence[SuiteSample], out: str | Path, con
             continue
         tensors: dict[str, Tensor] = {}
         for j, sample in enumerate(shard):
-            for key, value in collect_sample(target, sample, config).items():
+            for key, value in collect_sample(target, sample, config, generator).items():
                 tensors[f"{j}/{key}"] = value.contiguous()
             bar.update(1)
         tmp = path.with_name(path.name + ".tmp")
