@@ -25,6 +25,9 @@ from vlmspec.train.batch import TrainBatch
 from vlmspec.train.losses import LossConfig
 
 DRAFTERS = ["msd", "vispec", "flash"]
+VARIANTS = [(name, {}) for name in DRAFTERS] + [("vispec", {"compress": False}), ("vispec", {"global_vector": False}),
+                                                ("flash", {"tokens_per_forward": 1})]     # + the ablation switches
+VARIANT_IDS = ["-".join([name, *map(str, options.items())]) for name, options in VARIANTS]
 FAMILIES = ["llava", "idefics3"]
 MORE_FAMILIES = ["qwen2_vl", "llava_next"]     # M-RoPE and tiled images: decoding and decode/training alignment
 TREES = [TreeConfig("chain", depth=4), TreeConfig("static", depth=3, topk=3, total_tokens=8),
@@ -87,9 +90,9 @@ def full_batch(target: Target, drafter, images, prompt: str, answer: list[int]) 
 
 
 # ---------------------------------------------------------------------------------------------- decoding
-@pytest.mark.parametrize("name", DRAFTERS)
-def test_untrained_greedy_equality(any_target, name):
-    outcomes = check_greedy_equality(any_target, build_drafter(name, any_target, seed=1))
+@pytest.mark.parametrize("name, options", VARIANTS, ids=VARIANT_IDS)
+def test_untrained_greedy_equality(any_target, name, options):
+    outcomes = check_greedy_equality(any_target, build_drafter(name, any_target, seed=1, **options))
     assert outcomes["near-tie"] <= 0.05 * sum(outcomes.values()), outcomes
 
 
@@ -148,12 +151,12 @@ def test_flash_head_level_equals_the_training_head(any_target):
     torch.testing.assert_close(calls[0][0, 0], trained, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", DRAFTERS)
-def test_decode_features_equal_the_training_forward(any_target, name):
+@pytest.mark.parametrize("name, options", VARIANTS, ids=VARIANT_IDS)
+def test_decode_features_equal_the_training_forward(any_target, name, options):
     """Catch-up predictions through the draft cache (compressed prompt, positions, verified pairs) equal the
     whole-sequence training forward at the same pairs, step after step."""
     target = any_target
-    drafter = build_drafter(name, target, seed=3)
+    drafter = build_drafter(name, target, seed=3, **options)
     with torch.no_grad():                      # give every gate and head a non-zero effect
         for parameter in drafter.parameters():
             if parameter.dim() == 1 and not parameter.any():

@@ -138,7 +138,8 @@ class Layout:
     index: Tensor      # [B, M] long: the pair each entry stands for; -1: a compressed visual entry or padding
     positions: Tensor  # [B, M] long
     real: Tensor       # [B, M] bool: not padding
-    runs: list[list[tuple[int, int, int]]] = field(default_factory=list)  # per sequence: (pair start, end, slot)
+    runs: list[list[tuple[int, int, int]]] = field(default_factory=list)  # per sequence: (pair start, end, first
+                                                                          # entry) of each image run
 
     @property
     def compressed(self) -> Tensor:
@@ -160,7 +161,8 @@ def build_layout(pairs: Pairs, slots_per_run: int | None) -> Layout:
     if slots_per_run is None:
         index = torch.arange(pairs.tokens.shape[1], device=device).expand(batch, -1)
         index = torch.where(pairs.real, index, torch.full_like(index, -1))
-        return Layout(index, pairs.positions, pairs.real.clone(), [[] for _ in range(batch)])
+        runs = [[(start, end, start) for start, end in spans] for spans in image_spans(pairs.image_mask)]
+        return Layout(index, pairs.positions, pairs.real.clone(), runs)
     rows: list[tuple[list[int], list[int]]] = []
     runs_all = []
     positions_list = pairs.positions.tolist()

@@ -109,7 +109,8 @@ def train(target: Target, data_folders: Sequence[str | Path], out: str | Path, c
         step = load_state(state_path, config, drafter, optimizer, scheduler, stream)
     out.mkdir(parents=True, exist_ok=True)
     trim_log(out / "train_log.jsonl", step)
-    deadline = time.monotonic() + config.minutes * 60 if config.minutes else None
+    started = time.monotonic()
+    deadline = started + config.minutes * 60 if config.minutes else None
     bar = tqdm(total=config.steps, initial=step, desc=f"train {config.drafter_type}", disable=not progress)
     log = (out / "train_log.jsonl").open("a")
     recent: list[dict[str, float]] = []                     # this run's last steps, for the summary
@@ -125,7 +126,7 @@ def train(target: Target, data_folders: Sequence[str | Path], out: str | Path, c
             scheduler.step()
             step += 1
             metrics["lr"] = scheduler.get_last_lr()[0]
-            log.write(json.dumps({"step": step, **metrics}) + "\n")
+            log.write(json.dumps({"step": step, "seconds": round(time.monotonic() - started, 2), **metrics}) + "\n")
             recent = (recent + [metrics])[-SUMMARY_STEPS:]
             bar.update(1)
             bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k == "loss" or k.startswith("acc@")})
@@ -143,6 +144,7 @@ def train(target: Target, data_folders: Sequence[str | Path], out: str | Path, c
     (out / "train_config.json").write_text(json.dumps({**dataclasses.asdict(config), "step": step,
                                                        "loss_config": dataclasses.asdict(loss_config),
                                                        "data": [str(f) for f in data_folders],
+                                                       "seconds": round(time.monotonic() - started, 1),
                                                        "final_metrics": summarize(recent)}, indent=2) + "\n")
     return drafter
 
