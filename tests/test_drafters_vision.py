@@ -4,6 +4,7 @@
   dynamic trees, one and two images (DESIGN's near-tie rule);
 - the decode-time draft computes exactly what the training forward computes (prompt layout, compression,
   positions, catch-up through the cache, flash's head), also on Qwen2-VL (M-RoPE) and LLaVA-NeXT;
+- on Qwen2-VL every draft entry sits at the target's own 3-axis position, rotated as the target rotates it;
 - seeded sampling repeats; a sampled run emits valid tokens;
 - each type trains through the trainer on collected data and its loss falls; save/load round trip;
 - flash drafts k tree levels per draft forward.
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 
 from vlmspec import Generator, Target, TreeConfig, build_drafter, load_drafter, save_drafter
 from vlmspec.drafters.vision import (AttentionPool, Pairs, VisualFeatureDrafter, batch_pairs, build_layout,
-                                     entry_causal_mask, sequence_positions)
+                                     entry_causal_mask)
 from vlmspec.testing import compare_greedy, random_image, tiny_model
 from vlmspec.train.batch import TrainBatch
 from vlmspec.train.losses import LossConfig
@@ -178,6 +180,7 @@ def test_decode_features_equal_the_training_forward(any_target, name, options):
     batch = full_batch(target, drafter, images, prompt, result.token_ids)
     pairs = batch_pairs(drafter, batch)
     layout = build_layout(pairs, drafter.slots_per_run)
+    assert layout.positions.shape[:-2] == batch.positions.shape[:-2]     # M-RoPE: all three axes
     step, _ = drafter.entry_step(pairs, layout)
     count = layout.index.shape[1]
     with torch.no_grad():
@@ -303,14 +306,80 @@ def test_layout_compresses_each_run_at_spread_positions():
     assert layout.compressed.sum().item() == 6
     plain = build_layout(pairs, None)
     assert plain.index[1, 8:].tolist() == [-1, -1, -1] and plain.positions.equal(positions)
+    # 3-axis positions: every axis is taken from the same pairs
+    axes = torch.stack([positions, 2 * positions, 3 * positions])                 # [3, 2, 11]
+    mrope = build_layout(replace(pairs, positions=axes), 2)
+    assert mrope.index.equal(layout.index)
+    assert mrope.positions.equal(torch.stack([layout.positions, 2 * layout.positions, 3 * layout.positions]))
 
 
-def test_mrope_positions_become_one_dimensional():
-    text = torch.arange(6)
-    mrope = torch.stack([torch.tensor([0, 1, 1, 1, 1, 3]), torch.tensor([0, 1, 1, 2, 2, 3]),
-                         torch.tensor([0, 1, 2, 1, 2, 3])])[:, None]            # [3, 1, 6]: a 2×2 image
-    assert sequence_positions(text[None]).equal(text[None])
-    assert sequence_positions(mrope)[0].tolist() == [0, 1, 2, 2, 2, 3]
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_draft_mrope_equals_the_targets_rotary(family):
+    """The draft layer rotates q/k at 3-axis positions exactly as the target's own M-RoPE does; the same number
+    on every axis is plain rotary; a head count that changes head_dim is refused for M-RoPE only."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
+
+    from vlmspec.drafters.layers import DraftDecoder, draft_layer_config
+
+    target = make_target(family)
+    rotary = target.model.model.language_model.rotary_emb                      # Qwen2(_5)VLRotaryEmbedding
+    config = draft_layer_config(target.text_config, mrope=True)
+    decoder = DraftDecoder(config)
+    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 2, heads, 7, head_dim, generator=generator)
+    positions = torch.randint(0, 40, (3, 2, 7), generator=generator)            # [3, B, n], axes unequal
+    expected = apply_rotary_pos_emb(q, k, *rotary(q, positions))
+    actual = apply_rotary_pos_emb(q, k, *decoder.rotary_embeddings(q, positions))
+    for mine, theirs in zip(actual, expected):
+        torch.testing.assert_close(mine, theirs)
+    text = positions[0]
+    for mine, plain in zip(decoder.rotary_embeddings(q, text.expand(3, -1, -1)), decoder.rotary_embeddings(q, text)):
+        torch.testing.assert_close(mine, plain)
+    with pytest.raises(ValueError, match="head_dim"):
+        draft_layer_config(target.text_config, num_heads=2 * heads, mrope=True)
+    assert draft_layer_config(target.text_config, num_heads=2 * heads).mrope_section is None    # 1-D (EAGLE)
+
+
+@pytest.mark.parametrize("name", DRAFTERS)
+def test_entries_sit_at_the_targets_3_axis_positions(name):
+    """Qwen2-VL: the draft's prompt entries (image tokens on their grid; a compressed run's entries at its spread
+    tokens) and its tree nodes get the target's own (t, h, w) positions of their tokens in the full sequence."""
+    from vlmspec.verify import SamplingConfig
+
+    target = make_target("qwen2_vl")
+    drafter = build_drafter(name, target, seed=0)
+    calls = []
+    forward = drafter.decoder.forward
+    drafter.decoder.forward = lambda x, positions, mask, cache=None: calls.append(positions) or forward(
+        x, positions, mask, cache)
+    rng = random.Random(4)
+    images = [random_image(rng), random_image(rng)]
+    prompt = "<image> one <image> two"
+    _, prefill = target.prefill(target.encode(images, prompt=prompt))
+    first = int(prefill.logits[0].argmax())
+    with torch.no_grad():
+        state = drafter.begin(target, prefill, first)
+        tree = drafter.propose(state, TreeConfig("chain", depth=3), SamplingConfig(), None)
+    drafted = tree.tokens[0, 1:].tolist()
+    full = full_batch(target, drafter, images, prompt, [first] + drafted)
+    truth = full.positions[:, 0]                                                 # [3, S]: the target's own
+    image = full.image_mask[0]
+    assert not truth[0, image].equal(truth[2, image])                           # the grid: axes differ
+    length = prefill.input_ids.shape[1]                                          # first sits at `length`
+    prompt_entries, *nodes = calls
+    assert prompt_entries.shape[:2] == (3, 1)
+    layout = build_layout(batch_pairs(drafter, full), drafter.slots_per_run)
+    source = [index + 1 for index in layout.index[0].tolist()]                  # pair i stands for token i + 1
+    for start, end, slot in layout.runs[0] if drafter.slots_per_run else []:
+        q = drafter.slots_per_run
+        source[slot: slot + q] = [start + 1 + (j * (end - start)) // q for j in range(q)]
+    entries = prompt_entries.shape[-1]
+    assert source[entries - 1] == length                                         # the catch-up ends at `first`
+    assert prompt_entries[:, 0].equal(truth[:, source[:entries]])
+    node_positions = torch.cat([positions[:, 0] for positions in nodes], dim=-1)   # chain: one node per level
+    assert node_positions.shape[-1] >= 2
+    assert node_positions.equal(truth[:, length + 1: length + 1 + node_positions.shape[-1]])
 
 
 def test_attention_pool_ignores_padding_and_the_gate_starts_closed(target):

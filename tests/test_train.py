@@ -142,7 +142,10 @@ def test_collect_and_train_every_family(family, tmp_path):
     prompt = inputs["input_ids"].shape[1]
     torch.testing.assert_close(first["hidden/2"][:prompt].float(), prefill.hidden_states[2][0].bfloat16().float())
     assert first["positions"].shape[-1] == first["input_ids"].shape[0]
+    assert first["positions"][..., :prompt].long().equal(prefill.positions[..., 0, :])    # M-RoPE: all 3 axes
+    assert collected.batch([0, 1]).positions.shape[:-2] == prefill.positions.shape[:-2]
     train(target, [data], tmp_path / "lumen", TrainConfig("lumen", steps=2, batch_size=2), progress=False)
+    train(target, [data], tmp_path / "vispec", TrainConfig("vispec", steps=2, batch_size=2), progress=False)
 
 
 # ---------------------------------------------------------------------------------------------- data

@@ -15,11 +15,13 @@ They differ only in what the draft sees at image tokens:
 visual entry or padding) and its position. The same layout code builds the decode-time prompt (batch 1) and the
 training batch, so training and inference feed the draft exactly the same entries.
 
-Positions: an entry's position is the target's position of its token (`sequence_positions`: 1-D positions as
-they are; for 3-axis M-RoPE positions the per-token maximum over the axes, which equals the text position for
-text tokens and grows through an image). Compressed entries take positions spread evenly over their run:
-query j of q gets the position of the run's pair `start + (j * length) // q` (the first query sits at the run's
-start). Decode-time nodes continue from the position after the last committed entry.
+Positions: an entry's position is the target's position of its token, in the target's form: `[B, n]`, or for
+Qwen2-VL / Qwen2.5-VL the 3-axis M-RoPE `[3, B, n]` (temporal, height, width; an image's tokens lie on its grid),
+which the draft layer rotates as the target does (`layers.DraftDecoder`). Compressed entries take the positions
+(every axis) of pairs spread evenly over their run: query j of q gets the position of the run's pair
+`start + (j * length) // q` (the first query sits at the run's start). Decode-time entries (verified tokens and
+tree nodes) are text: they continue from the position after the last committed entry, every axis alike — for
+M-RoPE exactly the target's own `length + rope_delta` (`target/qwen2_vl.py`).
 """
 
 from __future__ import annotations
@@ -91,11 +93,6 @@ class GatedContext(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- pair view
-def sequence_positions(positions: Tensor) -> Tensor:
-    """The draft's 1-D positions from the target's: [B, S] as is; M-RoPE [3, B, S] → per-token max over axes."""
-    return positions if positions.dim() == 2 else positions.amax(dim=0)
-
-
 @dataclass
 class Pairs:
     """Pair view of B sequences (n pairs each): pair i = (x_{i+1}, f_i)."""
@@ -104,7 +101,7 @@ class Pairs:
     features: Tensor     # [B, n, H]: f_i, the target's feature before x_{i+1}
     visual: Tensor       # [B, n, H]: hidden_states[0] at x_{i+1} (the projected visual embedding at image tokens)
     image_mask: Tensor   # [B, n] bool: x_{i+1} is an image token
-    positions: Tensor    # [B, n] long: the target's (1-D) position of x_{i+1}
+    positions: Tensor    # [B, n] ([3, B, n] for M-RoPE) long: the target's position of x_{i+1}
     real: Tensor         # [B, n] bool: not padding
 
 
@@ -116,8 +113,8 @@ def prompt_pairs(drafter: "VisualFeatureDrafter", prefill, first_token: int) -> 
     first_embedding = drafter.target.embed_tokens(first).to(features.dtype)   # [1, 1, H]
     visual = torch.cat([prefill.hidden_states[0][:, 1:].to(features.dtype), first_embedding], dim=1)
     image_mask = torch.cat([prefill.image_mask[:, 1:], torch.zeros_like(first, dtype=torch.bool)], dim=1)
-    positions = sequence_positions(prefill.positions)                         # [1, S]
-    positions = torch.cat([positions[:, 1:], positions[:, -1:] + 1], dim=1)
+    positions = prefill.positions                                             # [1, S] or [3, 1, S]
+    positions = torch.cat([positions[..., 1:], positions[..., -1:] + 1], dim=-1)   # the first token follows text
     return Pairs(tokens, features, visual, image_mask, positions, torch.ones_like(image_mask))
 
 
@@ -128,7 +125,7 @@ def batch_pairs(drafter: "VisualFeatureDrafter", batch) -> Pairs:
     return Pairs(tokens=batch.input_ids[:, 1:], features=features[:, :-1],
                  visual=batch.hidden_states[0][:, 1:].to(features.dtype),
                  image_mask=batch.image_mask[:, 1:].bool() & real,
-                 positions=sequence_positions(batch.positions)[:, 1:], real=real)
+                 positions=batch.positions[..., 1:], real=real)
 
 
 @dataclass
@@ -136,7 +133,7 @@ class Layout:
     """Draft entries of B sequences, M entries each (right-padded)."""
 
     index: Tensor      # [B, M] long: the pair each entry stands for; -1: a compressed visual entry or padding
-    positions: Tensor  # [B, M] long
+    positions: Tensor  # [B, M] ([3, B, M] for M-RoPE) long
     real: Tensor       # [B, M] bool: not padding
     runs: list[list[tuple[int, int, int]]] = field(default_factory=list)  # per sequence: (pair start, end, first
                                                                           # entry) of each image run
@@ -163,33 +160,35 @@ def build_layout(pairs: Pairs, slots_per_run: int | None) -> Layout:
         index = torch.where(pairs.real, index, torch.full_like(index, -1))
         runs = [[(start, end, start) for start, end in spans] for spans in image_spans(pairs.image_mask)]
         return Layout(index, pairs.positions, pairs.real.clone(), runs)
-    rows: list[tuple[list[int], list[int]]] = []
+    rows: list[tuple[list[int], list[int]]] = []     # per sequence: each entry's pair, the pair of its position
     runs_all = []
-    positions_list = pairs.positions.tolist()
     lengths = pairs.real.sum(1).tolist()
     for b, spans in enumerate(image_spans(pairs.image_mask)):
-        index, positions, runs = [], [], []
+        index, source, runs = [], [], []
         cursor = 0
         for start, end in spans + [(lengths[b], lengths[b])]:
             index += range(cursor, start)
-            positions += positions_list[b][cursor:start]
+            source += range(cursor, start)
             if end > start:
                 runs.append((start, end, len(index)))
                 length = end - start
                 index += [-1] * slots_per_run
-                positions += [positions_list[b][start + (j * length) // slots_per_run] for j in range(slots_per_run)]
+                source += [start + (j * length) // slots_per_run for j in range(slots_per_run)]
             cursor = end
-        rows.append((index, positions))
+        rows.append((index, source))
         runs_all.append(runs)
     width = max(len(index) for index, _ in rows)
     index = torch.full((batch, width), -1, dtype=torch.long)
-    positions = torch.zeros((batch, width), dtype=torch.long)
+    source = torch.zeros((batch, width), dtype=torch.long)
     real = torch.zeros((batch, width), dtype=torch.bool)
-    for b, (row_index, row_positions) in enumerate(rows):
+    for b, (row_index, row_source) in enumerate(rows):
         index[b, : len(row_index)] = torch.tensor(row_index, dtype=torch.long)
-        positions[b, : len(row_positions)] = torch.tensor(row_positions, dtype=torch.long)
+        source[b, : len(row_source)] = torch.tensor(row_source, dtype=torch.long)
         real[b, : len(row_index)] = True
-    return Layout(index.to(device), positions.to(device), real.to(device), runs_all)
+    source, real = source.to(device), real.to(device)
+    axes = pairs.positions.shape[:-2]                                          # () or (3,)
+    positions = pairs.positions.gather(-1, source.expand(*axes, -1, -1)).masked_fill(~real, 0)
+    return Layout(index.to(device), positions, real, runs_all)
 
 
 def gather_runs(values: Tensor, layout: Layout) -> tuple[Tensor, Tensor, list[tuple[int, int, int, int]]]:
@@ -226,11 +225,11 @@ class VisualDraftState(DraftState):
     cache: Any = None
     root: int = 0                                # the last verified token (the next tree's root)
     length: int = 0                              # committed entries in the draft cache
-    next_position: int = 0                       # position of the next committed entry
+    next_position: Tensor | None = None          # position of the next committed entry: [] ([3] for M-RoPE)
     pending: PendingNodes = field(default_factory=lambda: PendingNodes.empty(1))
     context: Tensor | None = None                # [H] context term of every decode-time pair (None: none)
     catchup: Tensor | None = None                # [n, H] draft inputs of verified entries not yet in the cache …
-    catchup_positions: Tensor | None = None      # … and their positions [n]
+    catchup_positions: Tensor | None = None      # … and their positions [n] ([3, n] for M-RoPE)
 
 
 class VisualFeatureDrafter(Drafter):
@@ -244,7 +243,8 @@ class VisualFeatureDrafter(Drafter):
         self.resolve_layer(config.feature_layer)
         hidden = target.hidden_size
         self.fc = nn.Linear(2 * hidden, hidden, bias=False)
-        layer_config = draft_layer_config(target.text_config, config.num_heads, config.intermediate_size)
+        layer_config = draft_layer_config(target.text_config, config.num_heads, config.intermediate_size,
+                                          mrope=True)
         self.decoder = DraftDecoder(layer_config)
         self.num_heads = layer_config.num_attention_heads
 
@@ -308,16 +308,17 @@ class VisualFeatureDrafter(Drafter):
         return VisualDraftState(root=first_token, cache=self.decoder.new_cache(),
                                 pending=PendingNodes.empty(1, inputs.device),
                                 context=None if decode_context is None else decode_context[0],
-                                catchup=inputs[0], catchup_positions=layout.positions[0])
+                                catchup=inputs[0], catchup_positions=layout.positions[..., 0, :])
 
     def _catch_up(self, state: VisualDraftState) -> Tensor:
         """Run the verified entries into the cache (one forward); returns the last one's predicted feature [H]."""
         count = state.catchup.shape[0]
         mask = entry_causal_mask(count, state.catchup.dtype, state.catchup.device, prefix=state.length)
-        out = self.decoder(state.catchup[None], state.catchup_positions[None], mask, state.cache)[0]   # [n, H]
+        positions = state.catchup_positions                                    # [n] or [3, n]
+        out = self.decoder(state.catchup[None], positions.unsqueeze(-2), mask, state.cache)[0]   # [n, H]
         state.forwards += 1
         state.length += count
-        state.next_position = int(state.catchup_positions[-1]) + 1
+        state.next_position = positions[..., -1] + 1             # the last entry is text: every axis alike
         state.catchup = state.catchup_positions = None
         return out[-1]
 
@@ -331,7 +332,8 @@ class VisualFeatureDrafter(Drafter):
         context = None if state.context is None else state.context.expand(len(tokens), -1)[None]
         x = self.text_inputs(token_tensor, features[None], context)            # [1, n, H]
         state.forwards += 1
-        return self.decoder(x, state.next_position + depths, mask, state.cache)[0]
+        positions = state.next_position[..., None, None] + depths              # [1, n] or [3, 1, n]
+        return self.decoder(x, positions, mask, state.cache)[0]
 
     def propose(self, state: VisualDraftState, tree_config: TreeConfig, sampling: SamplingConfig,
                 generator: torch.Generator | None) -> Tree:
@@ -348,7 +350,8 @@ class VisualFeatureDrafter(Drafter):
         features = self.input_features(verified.hidden_states)[:, path]        # [1, k+1, H]
         context = None if state.context is None else state.context.expand(tokens.shape[1], -1)[None]
         state.catchup = self.text_inputs(tokens, features, context)[0]         # [k+1, H]
-        state.catchup_positions = state.next_position + torch.arange(tokens.shape[1], device=tokens.device)
+        state.catchup_positions = state.next_position[..., None] + torch.arange(tokens.shape[1],
+                                                                                device=tokens.device)
         state.root = bonus
 
     # ------------------------------------------------------------------ training

@@ -1,11 +1,12 @@
 """`vlmspec collect`: run the target once per sample and store what drafter training needs.
 
 Per sample: the token ids of prompt + answer, the loss mask (t where token t+1 is an answer token), the image mask,
-the target's positions, and the hidden states of the requested layers (bf16). The answer is the suite's
-`reference` (teacher forcing) or, with `regenerate`, the target's own greedy answer written by the engine's
-`Generator` (ViSpec: train on what the target says, optionally asked for long answers with a prompt suffix). The
-generator may carry a trained drafter to write the answers faster: speculative decoding is lossless, so the answers
-are the target's own (in fp32 exactly; in bf16 a near-tie may round the other way, as for any bf16 run).
+the target's positions ([S], or all three M-RoPE axes [3, S] for Qwen2-VL), and the hidden states of the requested
+layers (bf16). The answer is the suite's `reference` (teacher forcing) or, with `regenerate`, the target's own
+greedy answer written by the engine's `Generator` (ViSpec: train on what the target says, optionally asked for
+long answers with a prompt suffix). The generator may carry a trained drafter to write the answers faster:
+speculative decoding is lossless, so the answers are the target's own (in fp32 exactly; in bf16 a near-tie may
+round the other way, as for any bf16 run).
 
 Layout of the output folder:
 
@@ -117,10 +118,9 @@ def collect_sample(target: Target, sample: SuiteSample, config: CollectConfig,
     length = full["input_ids"].shape[1]
     loss_mask = torch.zeros(length, dtype=torch.uint8)
     loss_mask[prompt_length - 1 : length - 1] = 1                                        # predicts an answer token
-    positions = prefill.positions[:, 0] if prefill.positions.dim() == 3 else prefill.positions[0]
     out = {"input_ids": full["input_ids"][0].to(torch.int32).cpu(), "loss_mask": loss_mask,
            "image_mask": prefill.image_mask[0].to(torch.uint8).cpu(),
-           "positions": positions.to(torch.int32).cpu()}
+           "positions": prefill.positions[..., 0, :].to(torch.int32).cpu()}                # [S] or [3, S]
     for layer in sorted(set(config.layers)):
         out[f"hidden/{layer}"] = prefill.hidden_states[layer][0].to(torch.bfloat16).cpu()   # [S, H]
     return out
