@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Train, tune and benchmark every drafter type on the shipped testbed — the commands behind docs/drafters.md
+# ("Trained on the testbed"). Each step resumes when rerun (collect shards, training checkpoints, bench --resume is
+# not used: a finished bench folder is skipped). Two lanes of one core each; about 3 hours on the 2-core machine.
+#
+#   scripts/testbed_drafters.sh data | lane A | lane B | ablate A | ablate B | tune | ablation-eval | bench
+set -uo pipefail
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+RUNS=${RUNS:-runs/testbed-drafters}
+mkdir -p $RUNS && cd $RUNS
+DATA="data/regen-describe data/regen-mixed data/ref-describe data/ref-mixed"
+MIXED=caption,vqa,ocr,chart,multi_image,text_chat
+DRAFTERS="eagle eagle3 msd vispec flash lumen"
+
+train() {  # folder type steps data [extra args...]: one run, batch 8, lr 1e-3
+  local out=$1 type=$2 steps=$3 data=$4; shift 4
+  [ -f $out/train_config.json ] && return
+  echo "$(date +%T) start $out"
+  vlmspec train --drafter $type --target testbed --data $data --out $out --steps $steps --batch-size 8 --lr 1e-3 \
+      --checkpoint-every 500 --quiet "$@"
+  echo "$(date +%T) done $out rc=$?"
+}
+
+case $1 in
+  data)  # training seeds only; reference answers, and the target's own greedy answers (written faster by testbed:eagle)
+    for kind in ref regen; do
+      flag=""; [ $kind = regen ] && flag="--regenerate --regenerate-with testbed:eagle"
+      vlmspec collect --target testbed --suites describe --suite-n 800 $flag --out data/$kind-describe --quiet
+      vlmspec collect --target testbed --suites $MIXED --suite-n 300 $flag --out data/$kind-mixed --quiet
+    done
+    for s in describe:6 text_chat:4 caption:4 multi_image:4; do           # validation suites for tree tuning
+      vlmspec testbed data --suite ${s%:*} --n ${s#*:} --seed 1000100 --out val/${s%:*}
+    done ;;
+  lane)  # the main runs: 20 minutes of one core each, as steps (1200 s / measured s/step at batch 8)
+    case $2 in
+      A) train main/eagle eagle 14700 "$DATA" --warmup 100
+         train main/msd msd 13450 "$DATA" --warmup 100 --curriculum text-first:1345,ramp:1345
+         train main/flash flash 12680 "$DATA" --warmup 100 ;;
+      B) train main/eagle3 eagle3 4250 "$DATA" --warmup 100
+         train main/lumen lumen 4090 "$DATA" --warmup 100
+         train main/vispec vispec 9080 "$DATA" --warmup 100 ;;
+    esac
+    [ $2 = B ] && [ ! -f text-assistant/assistant.json ] && \
+        python -m vlmspec.bench.assistant --target testbed --out text-assistant --minutes 20 ;;
+  ablate)  # each comparison: equal steps (0.15 x that design's main budget), same data, batch, lr
+    case $2 in
+      A) train abl/msd-2stage msd 2018 "$DATA" --warmup 50 --curriculum text-first:200,ramp:200
+         train abl/msd-mixed msd 2018 "$DATA" --warmup 50
+         train abl/eagle-2stage eagle 2018 "$DATA" --warmup 50 --curriculum text-first:200,ramp:200
+         train abl/flash-k2 flash 1902 "$DATA" --warmup 50
+         train abl/flash-k1 flash 1902 "$DATA" --warmup 50 --drafter-option tokens_per_forward=1
+         train abl/vispec vispec 1362 "$DATA" --warmup 50
+         train abl/vispec-nocompress vispec 1362 "$DATA" --warmup 50 --drafter-option compress=false
+         train abl/vispec-noglobal vispec 1362 "$DATA" --warmup 50 --drafter-option global_vector=false ;;
+      B) train abl/vispec-regen vispec 1362 "data/regen-describe data/regen-mixed" --warmup 50
+         train abl/vispec-ref vispec 1362 "data/ref-describe data/ref-mixed" --warmup 50
+         train abl/lumen lumen 614 "$DATA" --warmup 50
+         train abl/lumen-sampled lumen 614 "$DATA" --warmup 50 --loss sampled_token=true
+         train abl/lumen-kv lumen 614 "$DATA" --warmup 50 --loss kv_consistency_weight=0.1
+         train abl/lumen-nologit lumen 614 "$DATA" --warmup 50 --loss logit_weight=0
+         train abl/lumen-novisual lumen 614 "$DATA" --warmup 50 --drafter-option visual_inputs=false
+         train abl/lumen-noglobal lumen 614 "$DATA" --warmup 50 --drafter-option global_vector=false ;;
+    esac ;;
+  tune)  # every trained drafter under each candidate tree, validation suites, T=0
+    arms=none$(printf ",main/%s" $DRAFTERS),draft-model
+    for tree in kind=dynamic,depth=5,topk=4,total=16 kind=dynamic,depth=8,topk=6,total=24 \
+                kind=dynamic,depth=6,topk=8,total=32 kind=dynamic,depth=10,topk=4,total=40 \
+                kind=dynamic,depth=8,topk=8,total=48; do
+      out=tune/$(echo $tree | tr ',=' '__'); [ -f $out/summary.json ] && continue; rm -rf $out
+      vlmspec bench --target testbed --drafters $arms --suite-file val/describe/suite.jsonl \
+          --suite-file val/text_chat/suite.jsonl --suite-file val/caption/suite.jsonl \
+          --suite-file val/multi_image/suite.jsonl --temperatures 0 --max-new-tokens 128 --tree $tree --drafter-option draft-model:model=text-assistant \
+          --cost-repeats 5 --no-plots --quiet --out $out
+    done ;;
+  ablation-eval)
+    arms=none$(for d in abl/*/; do printf ",%s" ${d%/}; done)
+    vlmspec bench --target testbed --drafters $arms --suites describe,caption,multi_image,text_chat --limit 8 \
+        --temperatures 0,1 --max-new-tokens 128 --cost-repeats 3 --no-plots --quiet --out abl-eval ;;
+  bench)  # the reported run: shipped drafters (tuned trees), the text assistant as our draft-model and as HF's peer
+    vlmspec bench --target testbed --drafters none$(printf ",testbed:%s" $DRAFTERS),draft-model \
+        --drafter-option draft-model:model=text-assistant --peers hf-assisted:text-assistant \
+        --suites caption,describe,vqa,ocr,chart,multi_image,text_chat --limit 8 --temperatures 0,1 \
+        --max-new-tokens 128 --out bench ;;
+esac
