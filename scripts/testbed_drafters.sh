@@ -72,10 +72,44 @@ case $1 in
           --suite-file val/multi_image/suite.jsonl --temperatures 0 --max-new-tokens 128 --tree $tree --drafter-option draft-model:model=text-assistant \
           --cost-repeats 5 --no-plots --quiet --out $out
     done ;;
-  ablation-eval)
-    arms=none$(for d in abl/*/; do printf ",%s" ${d%/}; done)
-    vlmspec bench --target testbed --drafters $arms --suites describe,caption,multi_image,text_chat --limit 8 \
-        --temperatures 0,1 --max-new-tokens 128 --cost-repeats 3 --no-plots --quiet --out abl-eval ;;
+  ship)  # the best tree per drafter from `tune` (geometric-mean T=0 speedup on the validation suites) into the
+         # shipped checkpoints (weights, config with that tree, training settings)
+    python - "$DRAFTERS" <<'PY'
+import json, shutil, sys
+from pathlib import Path
+from vlmspec.testbed import SHIPPED_DRAFTERS_DIR
+speed = {}
+for summary in Path("tune").glob("*/summary.json"):
+    data = json.loads(summary.read_text())
+    trees = {arm["name"]: arm["tree"] for arm in data["arms"]}
+    for row in data["across_suites"]:
+        if row["temperature"] == 0 and row.get("speedup_geomean"):
+            speed.setdefault(row["arm"], []).append((row["speedup_geomean"], trees[row["arm"]]))
+for kind in sys.argv[1].split():
+    ranked = sorted(speed[f"main/{kind}"], key=lambda x: -x[0])
+    dest = SHIPPED_DRAFTERS_DIR / kind
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(f"main/{kind}/model.safetensors", dest / "model.safetensors")
+    config = json.loads(Path(f"main/{kind}/config.json").read_text())
+    config["tree"] = ranked[0][1]
+    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    train = json.loads(Path(f"main/{kind}/train_config.json").read_text())
+    train["data"] = [Path(d).name for d in train["data"]]
+    (dest / "train_config.json").write_text(json.dumps(train, indent=2) + "\n")
+    print(kind, "tree", ranked[0][1], "tuning:", [(round(v, 2), t["depth"], t["total_tokens"]) for v, t in ranked])
+PY
+    ;;
+  ablation-eval)  # τ and acceptance only (speed is not compared here): two halves, one core each
+    G1=abl/msd-2stage,abl/msd-mixed,abl/eagle-2stage,abl/flash-k2,abl/flash-k1,abl/vispec,abl/vispec-nocompress
+    G1=$G1,abl/vispec-noglobal
+    G2=abl/vispec-regen,abl/vispec-ref,abl/lumen,abl/lumen-sampled,abl/lumen-kv,abl/lumen-nologit,abl/lumen-novisual
+    G2=$G2,abl/lumen-noglobal
+    for g in 1 2; do
+      arms=G$g
+      vlmspec bench --target testbed --drafters none,${!arms} --suites describe,caption,multi_image,text_chat \
+          --limit 8 --temperatures 0 --max-new-tokens 128 --cost-repeats 2 --no-plots --quiet --out abl-eval$g &
+    done
+    wait ;;
   bench)  # the reported run: shipped drafters (tuned trees), the text assistant as our draft-model and as HF's peer
     vlmspec bench --target testbed --drafters none$(printf ",testbed:%s" $DRAFTERS),draft-model \
         --drafter-option draft-model:model=text-assistant --peers hf-assisted:text-assistant \
