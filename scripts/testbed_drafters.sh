@@ -110,9 +110,11 @@ PY
           --limit 8 --temperatures 0 --max-new-tokens 128 --cost-repeats 2 --no-plots --quiet --out abl-eval$g &
     done
     wait ;;
-  bench)  # the reported run: shipped drafters (tuned trees), the text assistant as our draft-model and as HF's peer
-    vlmspec bench --target testbed --drafters none$(printf ",testbed:%s" $DRAFTERS),draft-model \
-        --drafter-option draft-model:model=text-assistant --peers hf-assisted:text-assistant \
+  bench)  # the reported run, on the quiet machine with both cores: shipped drafters (tuned trees), the text
+          # assistant as our draft-model (its tuned tree) and as HF's assisted-generation peer
+    OMP_NUM_THREADS=2 vlmspec bench --target testbed --drafters none$(printf ",testbed:%s" $DRAFTERS),draft-model \
+        --drafter-option draft-model:model=text-assistant \
+        --drafter-option draft-model:tree=kind=dynamic,depth=5,topk=4,total=16 --peers hf-assisted:text-assistant \
         --suites caption,describe,vqa,ocr,chart,multi_image,text_chat --limit 8 --temperatures 0,1 \
         --max-new-tokens 128 --out bench ;;
 esac
