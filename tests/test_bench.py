@@ -21,7 +21,7 @@ from vlmspec.testing import save_tiny_model
 RECORD_KEYS = {"suite", "id", "category", "arm", "kind", "temperature", "seed", "prompt_tokens", "status", "error",
                "token_ids", "new_tokens", "target_forwards", "seconds", "prefill_seconds", "decode_seconds",
                "draft_seconds", "verify_seconds", "accepted_per_step", "draft_forwards_per_step",
-               "tree_nodes_per_step", "diverged", "first_divergence"}
+               "tree_nodes_per_step", "tree_depth_per_step", "diverged", "first_divergence"}
 ROW_KEYS = {"arm", "kind", "suite", "temperature", "samples", "ok_samples", "status", "error", "new_tokens",
             "decode_seconds", "tokens_per_second", "speedup", "tau", "tau_minus_1_per_step", "acceptance_by_depth",
             "divergence_rate", "draft_share", "verify_share", "c_draft_step", "c_verify_step", "mean_tree_nodes",
@@ -163,10 +163,11 @@ def test_cli_help_and_boundary_errors(tiny, suite, tmp_path, capsys):
 # ---------------------------------------------------------------- metrics on hand-made records
 
 def record(arm, sample, new_tokens, forwards, decode_seconds, accepted=None, nodes=None, draft=None, verify=None,
-           tokens=None, temperature=0.0, status="ok"):
+           tokens=None, temperature=0.0, status="ok", depths=None):
     return {"arm": arm, "suite": "s", "id": sample, "temperature": temperature, "status": status, "error": None,
             "new_tokens": new_tokens, "target_forwards": forwards, "decode_seconds": decode_seconds,
             "accepted_per_step": accepted, "tree_nodes_per_step": nodes,
+            "tree_depth_per_step": depths or (None if nodes is None else [3 if n > 1 else 0 for n in nodes]),
             "draft_forwards_per_step": None if accepted is None else [1] * len(accepted),
             "draft_seconds": draft, "verify_seconds": verify, "token_ids": tokens or list(range(new_tokens))}
 
@@ -183,6 +184,9 @@ def test_tau_conventions_and_acceptance_by_depth():
     assert metrics.tau([cut]) == 1.0 and metrics.tau_minus_1_per_step([cut]) == 0.0
     # drafted steps: 2, 0, 3, 1, 1 → depth1: 4/5; depth2: (2,3)=2 of 4; depth3: 1 of 2
     assert metrics.acceptance_by_depth([a, b]) == pytest.approx([4 / 5, 2 / 4, 1 / 2])
+    # a tree that stopped at depth 1 (its node was EOS) and was accepted does not count at depth 2
+    eos = record("x", "d", 2, 2, 0.1, accepted=[1], nodes=[2], depths=[1], draft=0.0, verify=0.1)
+    assert metrics.acceptance_by_depth([a, b, eos]) == pytest.approx([5 / 6, 2 / 4, 1 / 2])
 
 
 def test_speedup_pairs_samples_and_excludes_failures():

@@ -110,6 +110,23 @@ def test_dynamic_frontier_keeps_topk_of_newest_level():
     assert frontiers == [[0], [1, 2], [3, 5]]
 
 
+@pytest.mark.parametrize("kind", ["dynamic", "chain"])
+def test_eos_leaves_and_min_prob_stop_the_tree(kind):
+    """A confident one-word answer: EOS (token 4) at 0.96 after the root. EOS gets no children and the other
+    children fall under min_prob, so drafting stops after one level; without them it runs to full depth."""
+    table = {(9,): [0.01, 0.01, 0.01, 0.01, 0.96]}
+    uniform = lambda path: torch.tensor(table.get(path, [0.2] * 5)).log()  # noqa: E731
+    config = TreeConfig(kind, depth=4, topk=3, total_tokens=10, min_prob=0.05)
+    tree, frontiers = run_builder(TreeBuilder(config, 9, leaves={4}), uniform)
+    assert frontiers == [[0]] and int(tree.num_nodes[0]) == 1 + (3 if kind == "dynamic" else 1)
+    _, frontiers = run_builder(TreeBuilder(TreeConfig(kind, depth=4, topk=3, total_tokens=10), 9), uniform)
+    assert len(frontiers) == 4
+    # EOS alone: the other children (0.01 each) still expand without min_prob, never EOS itself
+    _, frontiers = run_builder(TreeBuilder(TreeConfig("dynamic", depth=2, topk=3, total_tokens=10), 9, leaves={4}),
+                               uniform)
+    assert frontiers[1] and all(node != 1 for node in frontiers[1])      # node 1 is the EOS child (drawn first)
+
+
 def test_chain_shape():
     table = {(9,): [0.1, 0.7, 0.2], (9, 1): [0.6, 0.3, 0.1], (9, 1, 0): [0.1, 0.1, 0.8]}
     builder = TreeBuilder(TreeConfig("chain", depth=3, topk=8, total_tokens=1), 9)
@@ -209,10 +226,12 @@ def test_tree_config_parse_and_dict():
     assert TreeConfig.parse(" kind=chain , depth=4") == TreeConfig("chain", 4, 8, 32)
     config = TreeConfig("static", 3, 2, 9)
     assert TreeConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert TreeConfig.parse("depth=4,min_prob=0.02") == TreeConfig(depth=4, min_prob=0.02)
+    assert TreeConfig.from_dict({"kind": "chain", "depth": 2, "topk": 1, "total_tokens": 2}).min_prob == 0
 
 
 @pytest.mark.parametrize("text", ["kind=foo", "depth=0", "depth=x", "width=3", "depth", "depth=3,depth=4", "",
-                                  "topk=-1", "total=1.5"])
+                                  "topk=-1", "total=1.5", "min_prob=1", "min_prob=-0.1", "min_prob=x"])
 def test_tree_config_parse_rejects(text):
     with pytest.raises(ValueError):
         TreeConfig.parse(text)

@@ -205,12 +205,12 @@ def test_draft_equal_to_target_is_always_accepted():
     assert (result.accepted[:, 1] == 1).all()  # the first draw is accepted
 
 
-def builder_trees(n: int, config: TreeConfig, gen: torch.Generator):
+def builder_trees(n: int, config: TreeConfig, gen: torch.Generator, leaves=()):
     """n trees sampled by TreeBuilder from the stub drafter (pruned, so of different shapes), stacked, and their
     target logits [n, N, V]: after the root TARGET_ROOT, after any other node with token x TARGET_NEXT[x]."""
     trees = []
     for _ in range(n):
-        builder = TreeBuilder(config, 0, gen, sample=True)
+        builder = TreeBuilder(config, 0, gen, sample=True, leaves=leaves)
         while frontier := builder.frontier():
             tokens = torch.tensor([builder.token(i) for i in frontier])  # [F]
             draft = torch.stack([DRAFT_ROOT if i == 0 else DRAFT_NEXT[x] for i, x in zip(frontier, tokens)])
@@ -230,6 +230,22 @@ def test_builder_trees_are_lossless():
     assert len(set(tree.num_nodes.tolist())) == 1 and len(set(map(tuple, tree.parents.tolist()))) > 1
     first, _ = first_two_emitted(tree, verify_sampling(tree, logits, cfg, gen))
     assert tv(first, target_probs(TARGET_ROOT, cfg)) < tv_bound(n)
+
+
+def test_trees_cut_at_leaves_and_min_prob_are_lossless():
+    """Nodes of token 2 (a stand-in EOS) and nodes ranked under min_prob get no children, so whether a node has
+    children depends on its own token and draws: the first two emitted tokens still follow the target."""
+    n, cfg = 6000, CONFIGS[0]
+    gen = torch.Generator().manual_seed(3)
+    tree, logits = builder_trees(n, TreeConfig("dynamic", depth=3, topk=3, total_tokens=8, min_prob=0.12), gen,
+                                 leaves={2})
+    assert len(set(tree.num_nodes.tolist())) > 1                       # the cuts change the tree's size
+    first, second = first_two_emitted(tree, verify_sampling(tree, logits, cfg, gen))
+    assert tv(first, target_probs(TARGET_ROOT, cfg)) < tv_bound(n)
+    for a in range(SMALL_V):
+        rows = (first == a) & (second >= 0)
+        if rows.sum() > 500:
+            assert tv(second[rows], target_probs(TARGET_NEXT[a], cfg)) < tv_bound(int(rows.sum())), a
 
 
 def test_sampling_repeats_with_seed():

@@ -47,12 +47,7 @@ class GenerationStats:
 
     @property
     def accepted_by_depth(self) -> list[float]:
-        steps = [a for a, n in zip(self.accepted_per_step, self.tree_nodes_per_step) if n > 1]
-        rates = []
-        for depth in range(1, max(self.tree_depth_per_step, default=0) + 1):
-            reached = sum(a >= depth - 1 for a in steps)
-            rates.append(sum(a >= depth for a in steps) / reached if reached else 0.0)
-        return rates
+        return acceptance_by_depth(self.accepted_per_step, self.tree_depth_per_step)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "tau": self.tau, "decode_seconds": self.decode_seconds,
@@ -190,6 +185,16 @@ class Generator:
                 if any(s in tail for s in stop):
                     return True
         return False
+
+
+def acceptance_by_depth(accepted: Sequence[int], depths: Sequence[int]) -> list[float]:
+    """rate[d-1] = (steps whose depth-d node was accepted) / (steps whose depth d-1 was accepted and whose tree
+    reached depth d), from per-step accepted counts and tree depths (a tree stops below EOS and unlikely nodes)."""
+    rates = []
+    for depth in range(1, max(depths, default=0) + 1):
+        reached = sum(a >= depth - 1 and d >= depth for a, d in zip(accepted, depths))
+        rates.append(sum(a >= depth for a in accepted) / reached if reached else 0.0)
+    return rates
 
 
 def choose_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> int:

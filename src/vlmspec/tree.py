@@ -17,14 +17,14 @@ import heapq
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
+from typing import Collection, Literal
 
 import torch
 from torch import Tensor
 
 PAD_TOKEN = 0
 TREE_KINDS = ("chain", "static", "dynamic")
-_PARSE_KEYS = {"kind": "kind", "depth": "depth", "topk": "topk", "total": "total_tokens"}
+_PARSE_KEYS = {"kind": "kind", "depth": "depth", "topk": "topk", "total": "total_tokens", "min_prob": "min_prob"}
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,15 @@ class TreeConfig:
     depth: maximum draft depth (the root is depth 0).
     topk: children per expanded node.
     total_tokens: maximum number of draft nodes, root excluded.
+    min_prob: nodes whose (cumulative) draft probability — their rank, see `TreeBuilder` — is below this get no
+        children; 0 expands every level to `depth`. It only shapes the tree, so it keeps decoding lossless.
     """
 
     kind: Literal["chain", "static", "dynamic"] = "dynamic"
     depth: int = 6
     topk: int = 8
     total_tokens: int = 32
+    min_prob: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in TREE_KINDS:
@@ -51,6 +54,9 @@ class TreeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"tree {name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.min_prob, bool) or not isinstance(self.min_prob, (int, float)) or \
+                not 0 <= self.min_prob < 1:
+            raise ValueError(f"tree min_prob must be a number in [0, 1), got {self.min_prob!r}")
 
     @classmethod
     def parse(cls, text: str) -> TreeConfig:
@@ -66,6 +72,11 @@ class TreeConfig:
                 raise ValueError(f"tree option {key!r} given twice in {text!r}")
             if field == "kind":
                 values[field] = value
+            elif field == "min_prob":
+                try:
+                    values[field] = float(value)
+                except ValueError:
+                    raise ValueError(f"tree option min_prob must be a number, got {value!r}") from None
             else:
                 try:
                     values[field] = int(value)
@@ -254,13 +265,19 @@ class TreeBuilder:
     nodes that cannot outrank it. Greedy trees are deterministic, so any selection is lossless.
     Dynamic frontier: [0], then the `topk` best-ranked nodes of the newest level, until level `depth`. The tree
     kept by `build` is the root plus the `total_tokens` best-ranked nodes over all levels.
+    Every kind: a node whose token is in `leaves` (the target's EOS tokens: nothing after them is ever emitted) or
+    whose rank is below log(`config.min_prob`) gets no children, and drafting stops when no node is left to expand,
+    so a confident one-word answer costs one draft level. Whether a node has children may depend on its own token
+    (given that node, verification is exact with or without them); which siblings exist never does.
     """
 
     def __init__(self, config: TreeConfig, root_token: int | Tensor, generator: torch.Generator | None = None,
-                 sample: bool = False) -> None:
+                 sample: bool = False, leaves: Collection[int] = ()) -> None:
         self.config = config
         self.generator = generator
         self.sample = sample
+        self.leaves = frozenset(leaves)          # tokens that end the answer (EOS): nothing after them is emitted
+        self._min_rank = math.log(config.min_prob) if config.min_prob > 0 else -math.inf
         self._tokens = [int(root_token)]
         self._parents = [-1]
         self._cum = [0.0]
@@ -344,6 +361,7 @@ class TreeBuilder:
     def _next_frontier(self, level: list[int]) -> list[int]:
         if not level or self._depth[level[0]] >= self.config.depth:
             return []
+        level = [node for node in level if self._tokens[node] not in self.leaves and self._rank[node] >= self._min_rank]
         if self.config.kind == "chain":
             return level[-1:]
         if self.config.kind == "static":

@@ -15,6 +15,7 @@ from collections import defaultdict
 from typing import Any, Iterable
 
 from vlmspec.bench.costs import interpolate
+from vlmspec.engine import acceptance_by_depth as engine_acceptance
 
 PLAIN = "none"
 Record = dict[str, Any]
@@ -50,16 +51,11 @@ def tau_minus_1_per_step(records: list[Record]) -> float | None:
 
 
 def acceptance_by_depth(records: list[Record]) -> list[float] | None:
-    """rate[d-1] = (steps where a depth-d node was accepted) / (steps where depth d-1 was), pooled over the steps
-    of all records that drafted something (a tree of more than its root)."""
+    """`engine.acceptance_by_depth` pooled over the steps of all records."""
     if not records or any(r.get("accepted_per_step") is None for r in records):
         return None
-    drafted = [a for r in records for a, n in zip(r["accepted_per_step"], r["tree_nodes_per_step"]) if n > 1]
-    rates = []
-    for depth in range(1, max(drafted, default=0) + 1):
-        reached = sum(a >= depth - 1 for a in drafted)
-        rates.append(sum(a >= depth for a in drafted) / reached if reached else 0.0)
-    return rates
+    return engine_acceptance([a for r in records for a in r["accepted_per_step"]],
+                             [d for r in records for d in r["tree_depth_per_step"]])
 
 
 def speedup(arm: list[Record], plain: list[Record]) -> float | None:

@@ -65,7 +65,8 @@ class Peer:
         return {"status": "ok", "error": None, "token_ids": token_ids, "new_tokens": len(token_ids),
                 "target_forwards": counter.count or None, "seconds": seconds, "prefill_seconds": prefill,
                 "decode_seconds": max(seconds - prefill, 0.0), "draft_seconds": None, "verify_seconds": None,
-                "accepted_per_step": None, "draft_forwards_per_step": None, "tree_nodes_per_step": None}
+                "accepted_per_step": None, "draft_forwards_per_step": None, "tree_nodes_per_step": None,
+                "tree_depth_per_step": None}
 
     @torch.inference_mode()
     def _prefill_seconds(self, inputs: dict[str, torch.Tensor]) -> float:
@@ -82,7 +83,8 @@ class Peer:
 def unsupported(error: str) -> dict[str, Any]:
     """The record fields of a run that raised: every measurement unknown."""
     fields = ("token_ids", "new_tokens", "target_forwards", "seconds", "prefill_seconds", "decode_seconds",
-              "draft_seconds", "verify_seconds", "accepted_per_step", "draft_forwards_per_step", "tree_nodes_per_step")
+              "draft_seconds", "verify_seconds", "accepted_per_step", "draft_forwards_per_step", "tree_nodes_per_step",
+              "tree_depth_per_step")
     return {"status": "unsupported", "error": error, **dict.fromkeys(fields)}
 
 

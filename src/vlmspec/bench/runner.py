@@ -112,7 +112,7 @@ class Arm:
                 "prefill_seconds": stats.prefill_seconds, "decode_seconds": stats.decode_seconds,
                 "draft_seconds": stats.draft_seconds, "verify_seconds": stats.verify_seconds,
                 "accepted_per_step": stats.accepted_per_step, "draft_forwards_per_step": stats.draft_forwards_per_step,
-                "tree_nodes_per_step": stats.tree_nodes_per_step}
+                "tree_nodes_per_step": stats.tree_nodes_per_step, "tree_depth_per_step": stats.tree_depth_per_step}
 
 
 def open_target(config: BenchConfig) -> Target:

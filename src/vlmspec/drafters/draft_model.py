@@ -68,7 +68,8 @@ class DraftModelDrafter(Drafter):
                                 torch.arange(-1, count - 1, device=device)[None])
         self.draft.commit(state.model_state, list(range(count)))
         state.forwards += 1
-        builder = TreeBuilder(tree_config, state.tokens[-1], generator=generator, sample=not sampling.greedy)
+        builder = TreeBuilder(tree_config, state.tokens[-1], generator=generator, sample=not sampling.greedy,
+                              leaves=self.target.eos_token_ids)
         node_pending = {0: -1}
         logits = out.logits[0, -1:]                                                 # [1, V]
         while True:

@@ -131,7 +131,7 @@ class EagleDrafter(Drafter):
         return draft_tree(state.tokens[-1], out[-1], self.draft_logits,
                           lambda tokens, features, parents: self._run_pending(state, tokens, features, parents,
                                                                               state.node_extra),
-                          tree_config, sampling, generator)
+                          tree_config, sampling, generator, leaves=self.target.eos_token_ids)
 
     def accept(self, state: FeatureDraftState, tree: Tree, path: list[int], verified, bonus: int) -> None:
         compact_cache(state.cache, state.length, [])                           # drop the drafted nodes

@@ -7,7 +7,7 @@ pending cache entry. Drafters supply the two model calls; this function owns the
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 from torch import Tensor
@@ -21,10 +21,11 @@ RunNodes = Callable[[list[int], Tensor, list[int]], Tensor]
 
 
 def draft_tree(root_token: int, root_feature: Tensor, draft_logits: Callable[[Tensor], Tensor], run_nodes: RunNodes,
-               tree_config: TreeConfig, sampling: SamplingConfig, generator: torch.Generator | None) -> Tree:
+               tree_config: TreeConfig, sampling: SamplingConfig, generator: torch.Generator | None,
+               leaves: Collection[int] = ()) -> Tree:
     """Build a draft tree from the root's predicted feature [H]; greedy trees take top-k children, sampled trees
-    draw them from the warped draft distribution."""
-    builder = TreeBuilder(tree_config, root_token, generator=generator, sample=not sampling.greedy)
+    draw them from the warped draft distribution; nodes with a token in `leaves` (EOS) get no children."""
+    builder = TreeBuilder(tree_config, root_token, generator=generator, sample=not sampling.greedy, leaves=leaves)
     node_feature = {0: root_feature}                                            # builder node → predicted feature
     node_pending = {0: -1}                                                      # builder node → pending index
     pending = 0

@@ -341,7 +341,7 @@ class VisualFeatureDrafter(Drafter):
         root_feature = self._catch_up(state)
         return draft_tree(state.root, root_feature, self.draft_logits,
                           lambda tokens, features, parents: self._run_nodes(state, tokens, features, parents),
-                          tree_config, sampling, generator)
+                          tree_config, sampling, generator, leaves=self.target.eos_token_ids)
 
     def accept(self, state: VisualDraftState, tree: Tree, path: list[int], verified, bonus: int) -> None:
         compact_cache(state.cache, state.length, [])                           # drop the drafted nodes
