@@ -72,8 +72,8 @@ case $1 in
           --suite-file val/multi_image/suite.jsonl --temperatures 0 --max-new-tokens 128 --tree $tree --drafter-option draft-model:model=text-assistant \
           --cost-repeats 5 --no-plots --quiet --out $out
     done ;;
-  ship)  # the best tree per drafter from `tune` (geometric-mean T=0 speedup on the validation suites) into the
-         # shipped checkpoints (weights, config with that tree, training settings)
+  ship)  # the best tree per drafter from `tune` (geometric-mean T=0 speedup on the validation suites), with
+         # min_prob=0.02, into the shipped checkpoints (weights, config with that tree, training settings)
     python - "$DRAFTERS" <<'PY'
 import json, shutil, sys
 from pathlib import Path
@@ -91,7 +91,7 @@ for kind in sys.argv[1].split():
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy(f"main/{kind}/model.safetensors", dest / "model.safetensors")
     config = json.loads(Path(f"main/{kind}/config.json").read_text())
-    config["tree"] = ranked[0][1]
+    config["tree"] = {**ranked[0][1], "min_prob": 0.02}         # EOS leaves are always on; min_prob set a priori
     (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     train = json.loads(Path(f"main/{kind}/train_config.json").read_text())
     train["data"] = [Path(d).name for d in train["data"]]
@@ -114,7 +114,8 @@ PY
           # assistant as our draft-model (its tuned tree) and as HF's assisted-generation peer
     OMP_NUM_THREADS=2 vlmspec bench --target testbed --drafters none$(printf ",testbed:%s" $DRAFTERS),draft-model \
         --drafter-option draft-model:model=text-assistant \
-        --drafter-option draft-model:tree=kind=dynamic,depth=5,topk=4,total=16 --peers hf-assisted:text-assistant \
+        --drafter-option draft-model:tree=kind=dynamic,depth=5,topk=4,total=16,min_prob=0.02 \
+        --peers hf-assisted:text-assistant \
         --suites caption,describe,vqa,ocr,chart,multi_image,text_chat --limit 8 --temperatures 0,1 \
         --max-new-tokens 128 --out bench ;;
 esac
