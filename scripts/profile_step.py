@@ -110,7 +110,7 @@ def main() -> None:
     print(f"{args.drafter} on {args.suite} ({len(samples)} samples, {steps} steps, {tokens} tokens, τ "
           f"{tokens / max(1, steps + len(samples)):.2f}, tree {tree.to_dict()}), {args.dtype}, "
           f"{torch.get_num_threads()} thread(s); engine decode time {1000 * decode / max(1, steps):.2f} ms/step")
-    print(f"| phase | ms / step | share |\n|---|---:|---:|")
+    print("| phase | ms / step | share |\n|---|---:|---:|")
     for label, ms in sorted(per_step.items(), key=lambda item: -item[1]):
         print(f"| {label} | {ms:.2f} | {ms / total:.0%} |")
     print(f"| total (timed) | {total:.2f} | 100% |")

@@ -91,6 +91,21 @@ def full_batch(target: Target, drafter, images, prompt: str, answer: list[int]) 
     return TrainBatch.from_prefill(prefill, drafter.feature_layers(), loss_mask)
 
 
+def first_step(target: Target, drafter, depth: int):
+    """Prefill a two-image prompt and draft one greedy chain of `depth`: (images, prompt, prefill, first token,
+    draft state, tree)."""
+    from vlmspec.verify import SamplingConfig
+
+    rng = random.Random(4)
+    images = [random_image(rng), random_image(rng)]
+    prompt = "<image> one <image> two"
+    _, prefill = target.prefill(target.encode(images, prompt=prompt))
+    first = int(prefill.logits[0].argmax())
+    state = drafter.begin(target, prefill, first)
+    return images, prompt, prefill, first, state, drafter.propose(state, TreeConfig("chain", depth=depth),
+                                                                  SamplingConfig(), None)
+
+
 # ---------------------------------------------------------------------------------------------- decoding
 @pytest.mark.parametrize("name, options", VARIANTS, ids=VARIANT_IDS)
 def test_untrained_greedy_equality(any_target, name, options):
@@ -125,21 +140,13 @@ def test_flash_drafts_several_levels_per_forward(target):
 def test_flash_head_level_equals_the_training_head(any_target):
     """The feature flash's head gives a drafted node equals the training head at that pair, when the sequence is
     the drafted chain itself (the head sees the parent's feature and the node's own token)."""
-    from vlmspec.verify import SamplingConfig
-
     target = any_target
     drafter = build_drafter("flash", target, seed=6)
     calls = []
     original = drafter.head
     drafter.head = lambda level, tokens, features: calls.append(original(level, tokens, features)) or calls[-1]
-    rng = random.Random(4)
-    images = [random_image(rng), random_image(rng)]
-    prompt = "<image> one <image> two"
-    _, prefill = target.prefill(target.encode(images, prompt=prompt))
-    first = int(prefill.logits[0].argmax())
     with torch.no_grad():
-        state = drafter.begin(target, prefill, first)
-        tree = drafter.propose(state, TreeConfig("chain", depth=2), SamplingConfig(), None)
+        images, prompt, prefill, first, state, tree = first_step(target, drafter, depth=2)
         assert tree.tokens.shape[1] == 3 and len(calls) == 1 and state.forwards == 1
         batch = full_batch(target, drafter, images, prompt, [first, int(tree.tokens[0, 1])])
         pairs = batch_pairs(drafter, batch)
@@ -345,22 +352,14 @@ def test_draft_mrope_equals_the_targets_rotary(family):
 def test_entries_sit_at_the_targets_3_axis_positions(name):
     """Qwen2-VL: the draft's prompt entries (image tokens on their grid; a compressed run's entries at its spread
     tokens) and its tree nodes get the target's own (t, h, w) positions of their tokens in the full sequence."""
-    from vlmspec.verify import SamplingConfig
-
     target = make_target("qwen2_vl")
     drafter = build_drafter(name, target, seed=0)
     calls = []
     forward = drafter.decoder.forward
     drafter.decoder.forward = lambda x, positions, mask, cache=None: calls.append(positions) or forward(
         x, positions, mask, cache)
-    rng = random.Random(4)
-    images = [random_image(rng), random_image(rng)]
-    prompt = "<image> one <image> two"
-    _, prefill = target.prefill(target.encode(images, prompt=prompt))
-    first = int(prefill.logits[0].argmax())
     with torch.no_grad():
-        state = drafter.begin(target, prefill, first)
-        tree = drafter.propose(state, TreeConfig("chain", depth=3), SamplingConfig(), None)
+        images, prompt, prefill, first, _, tree = first_step(target, drafter, depth=3)
     drafted = tree.tokens[0, 1:].tolist()
     full = full_batch(target, drafter, images, prompt, [first] + drafted)
     truth = full.positions[:, 0]                                                 # [3, S]: the target's own

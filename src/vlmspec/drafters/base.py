@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from vlmspec.target import NodesOutput, PrefillOutput, Target
     from vlmspec.train.batch import TrainBatch
     from vlmspec.train.losses import LossConfig
-    from vlmspec.tree import Tree, TreeConfig
+    from vlmspec.tree import Tree, TreeBuilder, TreeConfig
     from vlmspec.verify import SamplingConfig
 
 _REGISTRY: dict[str, type["Drafter"]] = {}
@@ -98,6 +98,14 @@ class Drafter(nn.Module):
 
     def accept(self, state: Any, tree: "Tree", path: list[int], verified: "NodesOutput", bonus: int) -> None:
         raise NotImplementedError
+
+    def tree_builder(self, tree_config: "TreeConfig", root_token: int, sampling: "SamplingConfig",
+                     generator: torch.Generator | None) -> "TreeBuilder":
+        """The builder of one step's draft tree: sampled children when sampling, the target's EOS tokens as leaves."""
+        from vlmspec.tree import TreeBuilder
+
+        return TreeBuilder(tree_config, root_token, generator=generator, sample=not sampling.greedy,
+                           leaves=self.target.eos_token_ids)
 
     # ------------------------------------------------------------------ training
     def feature_layers(self) -> list[int]:

@@ -11,7 +11,7 @@ import torch
 
 from vlmspec.drafters.base import DraftState, Drafter, register_drafter
 from vlmspec.target import Target, TargetState
-from vlmspec.tree import Tree, TreeBuilder, TreeConfig
+from vlmspec.tree import Tree, TreeConfig
 from vlmspec.verify import SamplingConfig, warp_logits
 
 
@@ -68,8 +68,7 @@ class DraftModelDrafter(Drafter):
                                 torch.arange(-1, count - 1, device=device)[None])
         self.draft.commit(state.model_state, list(range(count)))
         state.forwards += 1
-        builder = TreeBuilder(tree_config, state.tokens[-1], generator=generator, sample=not sampling.greedy,
-                              leaves=self.target.eos_token_ids)
+        builder = self.tree_builder(tree_config, state.tokens[-1], sampling, generator)
         node_pending = {0: -1}
         logits = out.logits[0, -1:]                                                 # [1, V]
         while True:

@@ -128,10 +128,10 @@ class EagleDrafter(Drafter):
         compact_cache(state.cache, state.length, list(range(count)))           # catch-up pairs are true: keep
         state.length += count
         state.pending.clear()
-        return draft_tree(state.tokens[-1], out[-1], self.draft_logits,
+        return draft_tree(self.tree_builder(tree_config, state.tokens[-1], sampling, generator), out[-1],
+                          self.draft_logits,
                           lambda tokens, features, parents: self._run_pending(state, tokens, features, parents,
-                                                                              state.node_extra),
-                          tree_config, sampling, generator, leaves=self.target.eos_token_ids)
+                                                                              state.node_extra), sampling)
 
     def accept(self, state: FeatureDraftState, tree: Tree, path: list[int], verified, bonus: int) -> None:
         compact_cache(state.cache, state.length, [])                           # drop the drafted nodes

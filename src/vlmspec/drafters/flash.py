@@ -103,8 +103,7 @@ class FlashDrafter(VisualFeatureDrafter):
     def propose(self, state: VisualDraftState, tree_config: TreeConfig, sampling: SamplingConfig,
                 generator: torch.Generator | None) -> Tree:
         k = self.config.tokens_per_forward
-        builder = TreeBuilder(tree_config, state.root, generator=generator, sample=not sampling.greedy,
-                              leaves=self.target.eos_token_ids)
+        builder = self.tree_builder(tree_config, state.root, sampling, generator)
         node_feature = {0: self._catch_up(state)}      # builder node → its predicted feature (predicts its children)
         node_pending = {0: -1}                          # builder node → pending index (nodes already in the cache)
         waiting: list[int] = []                         # builder nodes with a head feature, not yet in the cache

@@ -7,12 +7,12 @@ pending cache entry. Drafters supply the two model calls; this function owns the
 
 from __future__ import annotations
 
-from typing import Callable, Collection
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from vlmspec.tree import Tree, TreeBuilder, TreeConfig
+from vlmspec.tree import Tree, TreeBuilder
 from vlmspec.verify import SamplingConfig, warp_logits
 
 # run_nodes(tokens [n], parent_features [n, H], parent_pending [n]) -> predicted features [n, H]; pending indices
@@ -20,12 +20,10 @@ from vlmspec.verify import SamplingConfig, warp_logits
 RunNodes = Callable[[list[int], Tensor, list[int]], Tensor]
 
 
-def draft_tree(root_token: int, root_feature: Tensor, draft_logits: Callable[[Tensor], Tensor], run_nodes: RunNodes,
-               tree_config: TreeConfig, sampling: SamplingConfig, generator: torch.Generator | None,
-               leaves: Collection[int] = ()) -> Tree:
-    """Build a draft tree from the root's predicted feature [H]; greedy trees take top-k children, sampled trees
-    draw them from the warped draft distribution; nodes with a token in `leaves` (EOS) get no children."""
-    builder = TreeBuilder(tree_config, root_token, generator=generator, sample=not sampling.greedy, leaves=leaves)
+def draft_tree(builder: TreeBuilder, root_feature: Tensor, draft_logits: Callable[[Tensor], Tensor],
+               run_nodes: RunNodes, sampling: SamplingConfig) -> Tree:
+    """Build a draft tree with `builder` (see `Drafter.tree_builder`) from the root's predicted feature [H]; greedy
+    trees take top-k children, sampled trees draw them from the warped draft distribution."""
     node_feature = {0: root_feature}                                            # builder node → predicted feature
     node_pending = {0: -1}                                                      # builder node → pending index
     pending = 0

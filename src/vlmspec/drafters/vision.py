@@ -339,9 +339,9 @@ class VisualFeatureDrafter(Drafter):
                 generator: torch.Generator | None) -> Tree:
         """EAGLE-2 drafting: one draft forward per tree level (flash overrides this)."""
         root_feature = self._catch_up(state)
-        return draft_tree(state.root, root_feature, self.draft_logits,
-                          lambda tokens, features, parents: self._run_nodes(state, tokens, features, parents),
-                          tree_config, sampling, generator, leaves=self.target.eos_token_ids)
+        return draft_tree(self.tree_builder(tree_config, state.root, sampling, generator), root_feature,
+                          self.draft_logits,
+                          lambda tokens, features, parents: self._run_nodes(state, tokens, features, parents), sampling)
 
     def accept(self, state: VisualDraftState, tree: Tree, path: list[int], verified, bonus: int) -> None:
         compact_cache(state.cache, state.length, [])                           # drop the drafted nodes
