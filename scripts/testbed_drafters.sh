@@ -4,9 +4,15 @@
 # not used: a finished bench folder is skipped). Two lanes of one core each; about 3 hours on the 2-core machine.
 #
 #   scripts/testbed_drafters.sh data | lane A | lane B | ablate A | ablate B | tune | ablation-eval | bench
+#
+# SCALE=N (percent, default 100) scales the main runs' step budgets; REGEN_WITH=DRAFTER (default testbed:eagle)
+# writes the regenerated answers by speculative decoding with that drafter, REGEN_WITH= by plain decoding (use it
+# when the shipped drafters do not match the shipped testbed, e.g. right after a testbed retrain).
 set -uo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 RUNS=${RUNS:-runs/testbed-drafters}
+SCALE=${SCALE:-100}
+REGEN_WITH=${REGEN_WITH-testbed:eagle}
 mkdir -p $RUNS && cd $RUNS
 DATA="data/regen-describe data/regen-mixed data/ref-describe data/ref-mixed"
 MIXED=caption,vqa,ocr,chart,multi_image,text_chat
@@ -24,24 +30,25 @@ train() {  # folder type steps data [extra args...]: one run, batch 8, lr 1e-3
 case $1 in
   data)  # training seeds only; reference answers, and the target's own greedy answers (written faster by testbed:eagle)
     for kind in ref regen; do
-      flag=""; [ $kind = regen ] && flag="--regenerate --regenerate-with testbed:eagle"
+      flag=""; [ $kind = regen ] && flag="--regenerate${REGEN_WITH:+ --regenerate-with $REGEN_WITH}"
       vlmspec collect --target testbed --suites describe --suite-n 800 $flag --out data/$kind-describe --quiet
       vlmspec collect --target testbed --suites $MIXED --suite-n 300 $flag --out data/$kind-mixed --quiet
     done
     for s in describe:6 text_chat:4 caption:4 multi_image:4; do           # validation suites for tree tuning
       vlmspec testbed data --suite ${s%:*} --n ${s#*:} --seed 1000100 --out val/${s%:*}
     done ;;
-  lane)  # the main runs: 20 minutes of one core each, as steps (1200 s / measured s/step at batch 8)
+  lane)  # the main runs: 20 minutes of one core each, as steps (1200 s / measured s/step at batch 8), x SCALE %
+    s() { echo $(( $1 * SCALE / 100 )); }
     case $2 in
-      A) train main/eagle eagle 14700 "$DATA" --warmup 100
-         train main/msd msd 13450 "$DATA" --warmup 100 --curriculum text-first:1345,ramp:1345
-         train main/flash flash 12680 "$DATA" --warmup 100 ;;
-      B) train main/eagle3 eagle3 4250 "$DATA" --warmup 100
-         train main/lumen lumen 4090 "$DATA" --warmup 100
-         train main/vispec vispec 9080 "$DATA" --warmup 100 ;;
+      A) train main/eagle eagle $(s 14700) "$DATA" --warmup 100
+         train main/msd msd $(s 13450) "$DATA" --warmup 100 --curriculum text-first:$(s 1345),ramp:$(s 1345)
+         train main/flash flash $(s 12680) "$DATA" --warmup 100 ;;
+      B) train main/eagle3 eagle3 $(s 4250) "$DATA" --warmup 100
+         train main/lumen lumen $(s 4090) "$DATA" --warmup 100
+         train main/vispec vispec $(s 9080) "$DATA" --warmup 100 ;;
     esac
     [ $2 = B ] && [ ! -f text-assistant/assistant.json ] && \
-        python -m vlmspec.bench.assistant --target testbed --out text-assistant --minutes 20 ;;
+        python -m vlmspec.bench.assistant --target testbed --out text-assistant --minutes $(( 20 * SCALE / 100 )) ;;
   ablate)  # each comparison: equal steps (0.15 x that design's main budget), same data, batch, lr
     case $2 in
       A) train abl/msd-2stage msd 2018 "$DATA" --warmup 50 --curriculum text-first:200,ramp:200

@@ -63,8 +63,67 @@ def test_patch_labels_mark_letters():
     import random
 
     rendered = render.render_word("cat", random.Random(0))
-    letters = sorted(int(x) for x in rendered.patch_labels.reshape(-1) if x)
+    kinds = rendered.labels["kind"]
+    letters = sorted(int(x) for x in kinds.reshape(-1) if x)
     assert letters == sorted(render.letter_class(c) for c in "CAT")
+    words = rendered.labels["word"]
+    assert set(words[kinds > 0].tolist()) == {render.OCR_WORDS.index("cat")} and (words[kinds == 0] == -100).all()
+    assert (rendered.label_grid("cell") == -100).all()
+
+
+def test_scene_and_chart_labels_hold_the_answers():
+    import random
+
+    from vlmspec.testbed.render import Obj
+
+    objs = [Obj("red", "square", 0, "small"), Obj("red", "square", 8, "small"), Obj("blue", "circle", 4)]
+    labels = render.render_scene(objs, random.Random(0)).labels
+    for cls, cell, count in ((render.object_class("red", "square"), {0, 8}, 2),
+                             (render.object_class("blue", "circle"), {4}, 1)):
+        mask = labels["kind"] == cls
+        assert mask.any() and set(labels["cell"][mask].tolist()) == cell and (labels["count"][mask] == count).all()
+        assert (labels["center"] == cls).sum() == len(cell)
+    assert (labels["cell"][labels["kind"] == 0] == -100).all()
+    chart = render.render_chart([("red", 3), ("green", 7)], random.Random(0)).labels
+    assert set(chart["value"][chart["kind"] == render.object_class("red", "square")].tolist()) == {3}
+    assert set(chart["value"][chart["kind"] == render.object_class("green", "square")].tolist()) == {7}
+
+
+def test_image_questions_are_answered_by_the_scene():
+    import random
+
+    from vlmspec.testbed.render import Obj
+
+    objs = [Obj("red", "square", 0), Obj("red", "square", 8), Obj("blue", "circle", 4), Obj("green", "circle", 2)]
+    qa = dict(data.image_questions(render.render_scene(objs, random.Random(0)), random.Random(1)))
+    counts = {q: a for q, a in qa.items() if "red squares" in q}
+    assert list(counts.values()) == ["2"]
+    assert {a for q, a in qa.items() if "blue circle" in q and q.startswith("Where")} == {"center"}
+    assert not any("red square" in q and q.startswith("Where") for q in qa)  # two of them: ambiguous
+    assert "What color is the square?" not in qa  # two squares
+    assert qa["What shape is the blue object?"] == "circle" and "What shape is the red object?" not in qa
+    assert "What color is the circle?" not in qa  # two circles
+    chart = render.render_chart([("red", 3), ("green", 7)], random.Random(0))
+    assert data.image_questions(chart, random.Random(0), skip="Which bar is the tallest?") == [
+        ("What is the value of the red bar?", "3"), ("What is the value of the green bar?", "7")]
+
+
+def test_followup_turns_encode_as_the_chat_template_renders_them(tokenizer):
+    from vlmspec.testbed.train import encode
+
+    sample = next(s for i in range(50) if (s := data.training_sample(1, i, "focus", followups=3)).followups)
+    encoded = encode(sample, tokenizer, n_image_tokens=2)
+    messages = sample.messages() + [{"role": "assistant", "content": sample.answer}]
+    for q, a in sample.followups:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False).replace("<image>", "<image><image>")
+    assert tokenizer.decode(encoded.input_ids) == text.rstrip("\n")
+    answers = [sample.answer] + [a for _, a in sample.followups]
+    supervised = [t for t in encoded.labels if t != -100]
+    assert tokenizer.decode(supervised) == "".join(f" {a}</s>" for a in answers)
+    for i in range(20):  # follow-ups never change the first turn
+        a, b = data.training_sample(1, i, "focus"), data.training_sample(1, i, "focus", followups=3)
+        assert (a.question, a.answer, a.category) == (b.question, b.answer, b.category) and not a.followups
 
 
 def test_processor_round_trip(tmp_path, tokenizer):
@@ -101,11 +160,19 @@ def test_training_smoke_loss_falls_and_resume_is_exact(tmp_path):
 
     from vlmspec.testbed.train import CHECKPOINT, TrainConfig, build
 
-    cfg = TrainConfig(steps=12, batch_size=4, warmup=2, lr=3e-3, checkpoint_every=5, threads=1)
+    cfg = TrainConfig(steps=12, batch_size=4, warmup=2, lr=3e-3, checkpoint_every=5, threads=1, followups=2,
+                      vision_steps=4, vision_batch_size=4)
     full = build(tmp_path / "full", seed=3, arch=TINY, train=cfg, progress=False)
-    killed = build(tmp_path / "resumed", seed=3, arch=TINY, train=cfg, progress=False, stop_at=7)
+    build(tmp_path / "resumed", seed=3, arch=TINY, train=cfg, progress=False, stop_at=2)  # killed in vision
+    killed = build(tmp_path / "resumed", seed=3, arch=TINY, train=cfg, progress=False, stop_at=7)  # and main
     assert (killed / CHECKPOINT).is_file() and not (killed / "model.safetensors").exists()
     assert torch.load(killed / CHECKPOINT, weights_only=False)["step"] == 7
+    vision_only = build(tmp_path / "vision", seed=3, arch=TINY, train=cfg, progress=False, stop_at=4)
+    trained = torch.load(vision_only / CHECKPOINT, weights_only=False)["model"]
+    torch.manual_seed(3)
+    initial = build_model(TINY, train_tokenizer(TINY.vocab_size, corpus())).state_dict()
+    changed = {k.split(".")[1] for k in initial if not torch.equal(initial[k], trained[k])}
+    assert changed == {"vision_tower", "multi_modal_projector"}  # vision pretraining leaves the LM alone
     build(tmp_path / "resumed", seed=3, arch=TINY, train=cfg, progress=False)
     a, b = load_file(full / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -114,11 +181,11 @@ def test_training_smoke_loss_falls_and_resume_is_exact(tmp_path):
 
 
 def test_training_loss_decreases(tokenizer):
-    from vlmspec.testbed.train import Batches, losses, to_device
+    from vlmspec.testbed.train import Batches, losses, make_aux_head, to_device
 
     torch.manual_seed(0)
     model = build_model(TINY, tokenizer)
-    head = torch.nn.Linear(TINY.hidden_size, 2 * render.N_PATCH_CLASSES)
+    head = make_aux_head(TINY)
     batch = to_device(Batches(5, 4, tokenizer, render.GRID * render.GRID).get(0), "cpu")
     opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=3e-3)
     first = None

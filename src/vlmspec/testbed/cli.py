@@ -18,11 +18,16 @@ def _build(args: argparse.Namespace) -> int:
     if args.init is not None and not (args.init / "config.json").is_file():
         raise ValueError(f"--init {args.init} is not a model folder (no config.json)")
     cfg = TrainConfig()
-    overrides = {"batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "threads": args.threads}
-    cfg = replace(cfg, mix=args.mix, per_answer_loss=not args.token_mean_loss,
+    overrides = {"batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "threads": args.threads,
+                 "vision_steps": args.vision_steps, "vision_lr": args.vision_lr}
+    if args.followups < 0:
+        raise ValueError(f"--followups must be >= 0, got {args.followups}")
+    cfg = replace(cfg, mix=args.mix, per_answer_loss=not args.token_mean_loss, followups=args.followups,
                   **{k: v for k, v in overrides.items() if v is not None})
-    if cfg.batch_size < 1 or cfg.lr <= 0 or cfg.threads < 1:
-        raise ValueError("batch size, lr and threads must be positive")
+    if cfg.batch_size < 1 or cfg.lr <= 0 or cfg.threads < 1 or cfg.vision_lr <= 0:
+        raise ValueError("batch size, learning rates and threads must be positive")
+    if cfg.vision_steps < 0:
+        raise ValueError(f"--vision-steps must be >= 0, got {cfg.vision_steps}")
     out = build(out=args.out, seed=args.seed, steps=args.steps, minutes=args.minutes, device=args.device,
                 workers=args.workers, train=cfg, init=args.init)
     print(out)
@@ -76,6 +81,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     build.add_argument("--mix", default="short", help="training mixture: base, short or focus (default short)")
     build.add_argument("--token-mean-loss", action="store_true",
                        help="average the loss over answer tokens instead of per answer (stage 1 of the recipe)")
+    build.add_argument("--vision-steps", type=int, default=None,
+                       help="vision pretraining steps before the main steps (vision tower, projector and the "
+                            "patch classifier on labelled images; default 0)")
+    build.add_argument("--vision-lr", type=float, default=None, help="peak learning rate of vision pretraining")
+    build.add_argument("--followups", type=int, default=0,
+                       help="up to N more questions about the same scene or chart as further chat turns (default 0)")
     build.set_defaults(run=_build)
 
     data = sub.add_parser("data", help="write a suite: DIR/suite.jsonl plus images")

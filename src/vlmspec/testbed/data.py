@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmspec.testbed import render
-from vlmspec.testbed.render import COLORS, SHAPES, Obj, Rendered
+from vlmspec.testbed.render import COLORS, OCR_WORDS, SHAPES, Obj, Rendered
 
 EVAL_SEED_START = 1_000_000
 SUITES = ("caption", "describe", "vqa", "ocr", "chart", "multi_image", "text_chat")
@@ -33,12 +33,6 @@ SUITE_DEFAULTS: dict[str, tuple[int, int]] = {
     "multi_image": (30, 1_000_006),
     "text_chat": (40, 1_000_007),
 }
-OCR_WORDS = (
-    "cat", "dog", "sun", "moon", "tree", "fish", "bird", "star", "book", "lamp",
-    "rain", "snow", "fire", "wind", "milk", "cake", "ship", "road", "frog", "bear",
-    "lion", "wolf", "rose", "leaf", "door", "key", "cup", "hat", "box", "pen",
-    "map", "egg", "bell", "coin", "drum", "kite", "ring", "sock", "vase", "yarn",
-)
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -48,8 +42,10 @@ class Sample:
     question: str  # user text; images come first in the user turn
     answer: str
     images: list[Rendered] = field(default_factory=list)
+    followups: list[tuple[str, str]] = field(default_factory=list)  # training only: more (question, answer) turns
 
     def messages(self) -> list[dict]:
+        """The first user turn (what suites hold and models answer)."""
         content = [{"type": "image"} for _ in self.images] + [{"type": "text", "text": self.question}]
         return [{"role": "user", "content": content}]
 
@@ -69,6 +65,31 @@ def _scene_objects(rng: random.Random, k: int) -> list[Obj]:
     return [Obj(c, s, cell, rng.choice(("small", "large"))) for (c, s), cell in zip(kinds, cells)]
 
 
+COUNT_QUESTIONS = ("How many {c} {s} are there?", "Count the {c} {s}.")
+POSITION_QUESTIONS = ("Where is the {n}?", "Where is the {n} in the image?")
+
+
+def image_questions(image: Rendered, rng: random.Random, skip: str = "") -> list[tuple[str, str]]:
+    """Every short question one scene or chart answers unambiguously, as (question, answer) pairs; a question
+    that any phrasing of equals `skip` is left out."""
+    kinds = [(o.color, o.shape) for o in image.objects]
+    shapes, colors = [o.shape for o in image.objects], [o.color for o in image.objects]
+    asked = [([q.format(c=c, s=_plural(s, 2)) for q in COUNT_QUESTIONS], str(kinds.count((c, s))))
+             for c, s in dict.fromkeys(kinds)]
+    for o in image.objects:
+        if kinds.count((o.color, o.shape)) == 1:
+            asked.append(([q.format(n=o.name) for q in POSITION_QUESTIONS], o.position))
+        if shapes.count(o.shape) == 1:
+            asked.append(([f"What color is the {o.shape}?"], o.color))
+        if colors.count(o.color) == 1:
+            asked.append(([f"What shape is the {o.color} object?"], o.shape))
+    asked += [([f"What is the value of the {c} bar?"], str(v)) for c, v in image.bars]
+    values = [v for _, v in image.bars]
+    if values and values.count(max(values)) == 1:
+        asked.append((["Which bar is the tallest?"], image.bars[values.index(max(values))][0]))
+    return [(rng.choice(phrasings), answer) for phrasings, answer in asked if skip not in phrasings]
+
+
 def gen_vqa(rng: random.Random) -> Sample:
     kind = rng.choice(("color", "shape", "position", "count"))
     if kind == "count":
@@ -79,7 +100,7 @@ def gen_vqa(rng: random.Random) -> Sample:
         for c in cells[n:]:  # distractors of another kind
             dc, ds = rng.choice([(c2, s2) for c2 in COLORS for s2 in SHAPES if (c2, s2) != (color, shape)])
             objs.append(Obj(dc, ds, c, "small"))
-        q = rng.choice(("How many {c} {s} are there?", "Count the {c} {s}."))
+        q = rng.choice(COUNT_QUESTIONS)
         return Sample("count", q.format(c=color, s=_plural(shape, 2)), str(n), [render.render_scene(objs, rng)])
     objs = _scene_objects(rng, rng.randint(1, 3))
     if kind == "color":
@@ -92,7 +113,7 @@ def gen_vqa(rng: random.Random) -> Sample:
         return Sample("shape", f"What shape is the {target.color} object?", target.shape,
                       [render.render_scene(objs, rng)])
     target = rng.choice(objs)
-    q = rng.choice(("Where is the {n}?", "Where is the {n} in the image?"))
+    q = rng.choice(POSITION_QUESTIONS)
     return Sample("position", q.format(n=target.name), target.position, [render.render_scene(objs, rng)])
 
 
@@ -321,8 +342,12 @@ FOCUS_MIX: dict[str, float] = {
 MIXES = {"base": BASE_MIX, "short": SHORT_MIX, "focus": FOCUS_MIX}
 
 
-def training_sample(seed: int, index: int, mix: str = "base") -> Sample:
-    """Sample `index` of the training stream for a training seed (must be < EVAL_SEED_START)."""
+def training_sample(seed: int, index: int, mix: str = "base", followups: int = 0) -> Sample:
+    """Sample `index` of the training stream for a training seed (must be < EVAL_SEED_START).
+
+    `followups` > 0 adds up to that many more short questions about a one-image sample's scene or chart as
+    further chat turns: more supervised answers per encoded image.
+    """
     if not 0 <= seed < EVAL_SEED_START:
         raise ValueError(f"training seeds are in [0, {EVAL_SEED_START}); got {seed}")
     if mix not in MIXES:
@@ -330,4 +355,8 @@ def training_sample(seed: int, index: int, mix: str = "base") -> Sample:
     rng = random.Random(f"train:{seed}:{index}")
     weights = MIXES[mix]
     name = rng.choices(list(weights), weights=list(weights.values()))[0]
-    return GENERATORS[name](rng)
+    sample = GENERATORS[name](rng)
+    if followups > 0 and len(sample.images) == 1:
+        extra = image_questions(sample.images[0], rng, skip=sample.question)
+        sample.followups = rng.sample(extra, min(followups, len(extra)))
+    return sample

@@ -6,8 +6,8 @@ model from going image-blind; neither is saved, the result is a standard `LlavaF
 - an image-scale penalty, (log rms(projected image tokens) - log rms(text embeddings))^2, so image tokens stay
   on the scale of text tokens instead of drowning them;
 - a throwaway per-patch classifier on the projector output, trained on the generator's patch labels
-  (background / color x shape / letter, and which patch holds each object's centre), standing in for vision
-  pretraining.
+  (`render.AUX_TASKS`: what each patch shows, each object's centre, and the facts the questions ask about the
+  object a patch belongs to: its cell, its count, its word, its bar value), standing in for vision pretraining.
 
 Batches are right-padded with no attention mask (causal attention never lets a real token see the padding
 after it) and grouped by length within pools of `POOL` batches.
@@ -35,6 +35,7 @@ from vlmspec.testbed.model import IMAGE_TOKEN, ArchConfig, build_model, build_pr
 
 CHECKPOINT = "checkpoint.pt"
 POOL = 16  # batches per length-grouping pool
+VISION_STREAM_OFFSET = 100_000_000  # vision pretraining reads the training stream from this index on
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
@@ -51,7 +52,11 @@ class TrainConfig:
     checkpoint_every: int = 100
     threads: int = 2
     mix: str = "short"  # data.MIXES key
-    per_answer_loss: bool = True  # mean per answer then over answers; False: mean over all answer tokens
+    per_answer_loss: bool = True  # mean per sequence then over sequences; False: mean over all answer tokens
+    followups: int = 0  # extra question turns per one-image sample (data.training_sample)
+    vision_steps: int = 0  # vision pretraining steps (vision tower, projector, aux head on labelled images) first
+    vision_batch_size: int = 64  # training samples per vision step (their images)
+    vision_lr: float = 2e-3
 
 
 def pixels(image) -> np.ndarray:
@@ -71,32 +76,41 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]  # -100 outside the answer
     pixels: list[np.ndarray]  # [H, W, 3] uint8 per image, in order of appearance
-    patch_labels: list[np.ndarray]  # [GRID * GRID] per image
-    center_labels: list[np.ndarray]  # [GRID * GRID] per image, -100 where the image has no objects
+    aux: dict[str, list[np.ndarray]]  # AUX_TASKS name -> [GRID * GRID] labels per image (-100: not applicable)
 
 
 def encode(sample: Sample, tokenizer, n_image_tokens: int) -> Encoded:
-    """Prompt through the chat template (images expanded), then " answer" + eos as the supervised part."""
-    prompt = tokenizer.apply_chat_template(sample.messages(), add_generation_prompt=True, tokenize=False)
-    prompt = prompt.replace(IMAGE_TOKEN, IMAGE_TOKEN * n_image_tokens)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(" " + sample.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    centers = [(r.center_labels if r.center_labels is not None else np.full_like(r.patch_labels, -100)).reshape(-1)
-               for r in sample.images]
-    return Encoded(prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids,
-                   [pixels(r.image) for r in sample.images], [r.patch_labels.reshape(-1) for r in sample.images],
-                   centers)
+    """Each turn's prompt through the chat template (images expanded), then " answer" + eos as the supervised
+    part; follow-up turns continue the conversation with the template's own text between answers."""
+    messages, rendered = sample.messages(), ""
+    input_ids, labels = [], []
+    for question, answer in [(sample.question, sample.answer), *sample.followups]:
+        if rendered:
+            messages = [*messages, {"role": "user", "content": question}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if not text.startswith(rendered):
+            raise ValueError("the chat template does not extend a conversation by appending to it")
+        piece = text[len(rendered):].replace(IMAGE_TOKEN, IMAGE_TOKEN * n_image_tokens)
+        prompt_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        input_ids += prompt_ids + answer_ids
+        labels += [-100] * len(prompt_ids) + answer_ids
+        messages = [*messages, {"role": "assistant", "content": answer}]
+        rendered = text + " " + answer + tokenizer.eos_token
+    aux = {task: [r.label_grid(task).reshape(-1) for r in sample.images] for task in render.AUX_TASKS}
+    return Encoded(input_ids, labels, [pixels(r.image) for r in sample.images], aux)
 
 
 _WORKER: dict = {}
 
 
-def _init_worker(seed: int, tokenizer, n_image: int, mix: str) -> None:
-    _WORKER.update(seed=seed, tokenizer=tokenizer, n_image=n_image, mix=mix)
+def _init_worker(seed: int, tokenizer, n_image: int, mix: str, followups: int) -> None:
+    _WORKER.update(seed=seed, tokenizer=tokenizer, n_image=n_image, mix=mix, followups=followups)
 
 
 def _encode_index(index: int) -> Encoded:
-    return encode(training_sample(_WORKER["seed"], index, _WORKER["mix"]), _WORKER["tokenizer"], _WORKER["n_image"])
+    sample = training_sample(_WORKER["seed"], index, _WORKER["mix"], _WORKER["followups"])
+    return encode(sample, _WORKER["tokenizer"], _WORKER["n_image"])
 
 
 class Batches:
@@ -107,15 +121,16 @@ class Batches:
     """
 
     def __init__(self, seed: int, batch_size: int, tokenizer, n_image_tokens: int, workers: int = 0,
-                 mix: str = "short"):
+                 mix: str = "short", followups: int = 0):
         self.seed, self.batch_size, self.tokenizer, self.n_image = seed, batch_size, tokenizer, n_image_tokens
-        self.mix = mix
+        self.mix, self.followups = mix, followups
         self._pool_id, self._pool = None, None
         self._procs, self._next = None, None
         if workers > 0:
             import multiprocessing as mp
 
-            self._procs = mp.get_context("fork").Pool(workers, _init_worker, (seed, tokenizer, n_image_tokens, mix))
+            self._procs = mp.get_context("fork").Pool(workers, _init_worker,
+                                                       (seed, tokenizer, n_image_tokens, mix, followups))
 
     def _indices(self, pool: int) -> range:
         start = pool * POOL * self.batch_size
@@ -127,7 +142,7 @@ class Batches:
             items = pending[1].get() if pending else self._procs.map(_encode_index, self._indices(pool), chunksize=8)
             self._next = (pool + 1, self._procs.map_async(_encode_index, self._indices(pool + 1), chunksize=8))
         else:
-            items = [encode(training_sample(self.seed, i, self.mix), self.tokenizer, self.n_image)
+            items = [encode(training_sample(self.seed, i, self.mix, self.followups), self.tokenizer, self.n_image)
                      for i in self._indices(pool)]
         return sorted(items, key=lambda e: len(e.input_ids))  # stable: ties keep stream order
 
@@ -153,17 +168,19 @@ def collate(items: list[Encoded], pad_id: int) -> dict:
     for i, e in enumerate(items):
         ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
         labels[i, : len(e.labels)] = torch.tensor(e.labels)
-    out = {"input_ids": ids, "labels": labels, "pixel_values": None, "patch_labels": None, "center_labels": None}
+    out = {"input_ids": ids, "labels": labels, "pixel_values": None, "aux": None}
     if any(e.pixels for e in items):
         out["pixel_values"] = torch.from_numpy(np.stack([p for e in items for p in e.pixels]))  # uint8 [N, H, W, 3]
-        out["patch_labels"] = torch.from_numpy(np.stack([p for e in items for p in e.patch_labels]))
-        out["center_labels"] = torch.from_numpy(np.stack([p for e in items for p in e.center_labels]))
+        out["aux"] = {task: torch.from_numpy(np.stack([p for e in items for p in e.aux[task]]))
+                      for task in render.AUX_TASKS}  # [N, GRID * GRID] each
     return out
 
 
 def to_device(batch: dict, device: str) -> dict:
     """Move a collated batch to `device` and normalize its raw uint8 pixels there."""
-    batch = {k: v.to(device) if v is not None else None for k, v in batch.items()}
+    aux = batch["aux"]
+    batch = {k: v.to(device) if v is not None else None for k, v in batch.items() if k != "aux"}
+    batch["aux"] = {k: v.to(device) for k, v in aux.items()} if aux is not None else None
     if batch["pixel_values"] is not None:
         batch["pixel_values"] = normalize(batch["pixel_values"])
     return batch
@@ -189,24 +206,62 @@ def losses(model, aux_head, batch: dict, per_answer: bool = True) -> dict[str, t
         lm = (token_loss * mask).sum() / mask.sum().clamp(min=1.0)
     result = {"lm": lm}
     if batch["pixel_values"] is not None:
-        feats = captured["feats"].float()  # [n_images, 64, hidden]
-        aux_logits = aux_head(feats)  # [n_images, 64, 2 * classes]: patch class, then centre class
-        n = aux_logits.shape[-1] // 2
-        result["aux"] = F.cross_entropy(aux_logits[..., :n].reshape(-1, n), batch["patch_labels"].reshape(-1))
-        if (batch["center_labels"] >= 0).any():
-            result["aux"] = result["aux"] + F.cross_entropy(
-                aux_logits[..., n:].reshape(-1, n), batch["center_labels"].reshape(-1), ignore_index=-100)
-        text_rms = model.get_input_embeddings().weight.float().pow(2).mean().sqrt().detach()
-        image_rms = feats.pow(2).mean().sqrt()
-        result["scale"] = (image_rms.log() - text_rms.log()) ** 2
+        result.update(image_losses(model, aux_head, captured["feats"], batch["aux"]))
     return result
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+def image_losses(model, aux_head, feats: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-patch auxiliary cross-entropy (summed over tasks) and the image-scale penalty of projector outputs
+    `feats` [n_images, 64, hidden]."""
+    feats = feats.float()
+    aux_logits = aux_head(feats).split(list(render.AUX_TASKS.values()), dim=-1)  # [n_images, 64, classes] each
+    aux = sum(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[task].reshape(-1), ignore_index=-100)
+              for task, logits in zip(render.AUX_TASKS, aux_logits) if (labels[task] >= 0).any())
+    text_rms = model.get_input_embeddings().weight.float().pow(2).mean().sqrt().detach()
+    image_rms = feats.pow(2).mean().sqrt()
+    return {"aux": aux, "scale": (image_rms.log() - text_rms.log()) ** 2}
+
+
+def vision_batch(seed: int, step: int, batch_size: int, mix: str) -> dict:
+    """The images (with their patch labels) of `batch_size` training samples for vision-pretraining step `step`;
+    drawn from the training stream far beyond where the main phase reads."""
+    start = VISION_STREAM_OFFSET + step * batch_size
+    rendered = [r for i in range(start, start + batch_size) for r in training_sample(seed, i, mix).images]
+    return {"pixel_values": torch.from_numpy(np.stack([pixels(r.image) for r in rendered])),
+            "aux": {task: torch.from_numpy(np.stack([r.label_grid(task).reshape(-1) for r in rendered]))
+                    for task in render.AUX_TASKS}}
+
+
+def pretrain_vision_step(model, aux_head, batch: dict, device: str, scale_weight: float) -> dict[str, torch.Tensor]:
+    """Losses of one vision-pretraining batch: the image path (vision tower, projector) and the aux head only."""
+    config = model.config
+    pixels_in = normalize(batch["pixel_values"].to(device))
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        out = model.model.get_image_features(pixel_values=pixels_in,
+                                             vision_feature_layer=config.vision_feature_layer,
+                                             vision_feature_select_strategy=config.vision_feature_select_strategy)
+        feats = torch.stack(list(out.pooler_output))  # [n_images, 64, hidden]
+        parts = image_losses(model, aux_head, feats, {k: v.to(device) for k, v in batch["aux"].items()})
+    parts["loss"] = parts["aux"] + scale_weight * parts["scale"]
+    return parts
+
+
+def make_aux_head(arch: ArchConfig) -> torch.nn.Module:
+    """The throwaway per-patch classifier: projector output -> logits of every `render.AUX_TASKS` task.
+
+    It normalizes its input first: the image-scale penalty holds image tokens at the text embeddings' small
+    scale, where a bare linear head needs huge weights and learns slowly.
+    """
+    return torch.nn.Sequential(torch.nn.LayerNorm(arch.hidden_size, elementwise_affine=False),
+                               torch.nn.Linear(arch.hidden_size, sum(render.AUX_TASKS.values())))
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
+    """Linear warm-up to `peak`, then cosine decay to 10 % of it at `total` steps."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -232,9 +287,10 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
           stop_at: int | None = None, device: str = "cpu", workers: int = 0, init: Path | None = None) -> Path:
     """Train (or resume) the testbed model in `out`; return `out`, which then holds a loadable bf16 model.
 
-    Deterministic for (seed, steps, arch, train config) on a given machine and thread count. `minutes` caps the
-    wall time of this call: the run checkpoints and stops early, and a later call resumes it. `stop_at` stops
-    after that step as a kill would (checkpoint written, no export); tests use it to check resuming.
+    Deterministic for (seed, steps, arch, train config) on a given machine and thread count. `steps` counts the
+    main phase; `train.vision_steps` of vision pretraining come first. `minutes` caps the wall time of this call:
+    the run checkpoints and stops early, and a later call resumes it. `stop_at` stops after that many steps of
+    both phases as a kill would (checkpoint written, no export); tests use it to check resuming.
     `device` (default cpu) and `workers` (data processes, default 0 = in-process) change speed, not the recipe;
     bf16 autocast runs on the device. `init` starts from the weights of a saved testbed model (same
     architecture and tokenizer) instead of a random initialization.
@@ -265,12 +321,17 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
         start = LlavaForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
         model.load_state_dict(start.state_dict())
     model = model.to(device)
-    aux_head = torch.nn.Linear(arch.hidden_size, 2 * render.N_PATCH_CLASSES).to(device)
+    aux_head = make_aux_head(arch).to(device)
     params = list(model.parameters()) + list(aux_head.parameters())
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    vision_params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
+                     *aux_head.parameters()]
+
+    def adamw(group: list, lr: float) -> torch.optim.AdamW:
+        return torch.optim.AdamW([{"params": [p for p in group if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                                  {"params": [p for p in group if p.ndim < 2], "weight_decay": 0.0}],
+                                 lr=lr, betas=(0.9, 0.98))
+
+    optimizer, vision_optimizer = adamw(params, cfg.lr), adamw(vision_params, cfg.vision_lr)
     step = 0
     ckpt_path = out / CHECKPOINT
     if ckpt_path.exists():
@@ -280,43 +341,56 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
         model.load_state_dict(state["model"])
         aux_head.load_state_dict(state["aux_head"])
         optimizer.load_state_dict(state["optimizer"])
+        vision_optimizer.load_state_dict(state["vision_optimizer"])
         torch.set_rng_state(state["torch_rng"].cpu())
         step = state["step"]
     n_image = processor.image_processor.crop_size["height"] // render.PATCH
-    batches = Batches(seed, cfg.batch_size, tokenizer, n_image * n_image, workers, cfg.mix)
+    batches = Batches(seed, cfg.batch_size, tokenizer, n_image * n_image, workers, cfg.mix, cfg.followups)
 
     def save_checkpoint() -> None:
         _atomic_save({"model": model.state_dict(), "aux_head": aux_head.state_dict(),
-                      "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "step": step,
+                      "optimizer": optimizer.state_dict(), "vision_optimizer": vision_optimizer.state_dict(),
+                      "torch_rng": torch.get_rng_state(), "step": step,
                       "seed": seed, "arch": asdict(arch), "train": asdict(cfg)}, ckpt_path)
 
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="testbed", dynamic_ncols=True)
+    total = cfg.vision_steps + cfg.steps  # vision pretraining first, then the main phase
+    bar = tqdm(total=total, initial=step, disable=not progress, desc="testbed", dynamic_ncols=True)
     ema, t_last, s_last = None, time.monotonic(), step
-    while step < cfg.steps:
+    while step < total:
         if minutes is not None and time.monotonic() - started > minutes * 60:
             break
-        batch = to_device(batches.get(step), device)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-            parts = losses(model, aux_head, batch, cfg.per_answer_loss)
-        loss = parts["lm"] + cfg.aux_weight * parts.get("aux", 0.0) + cfg.scale_weight * parts.get("scale", 0.0)
-        optimizer.zero_grad(set_to_none=True)
+        if step < cfg.vision_steps:
+            opt, trained = vision_optimizer, vision_params
+            lr = lr_at(step, cfg.vision_lr, max(1, cfg.vision_steps // 10), cfg.vision_steps)
+            parts = pretrain_vision_step(model, aux_head, vision_batch(seed, step, cfg.vision_batch_size, cfg.mix),
+                                         device, cfg.scale_weight)
+            loss = parts.pop("loss")
+        else:
+            opt, trained = optimizer, params
+            lr = lr_at(step - cfg.vision_steps, cfg.lr, cfg.warmup, cfg.steps)
+            batch = to_device(batches.get(step - cfg.vision_steps), device)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+                parts = losses(model, aux_head, batch, cfg.per_answer_loss)
+            loss = parts["lm"] + cfg.aux_weight * parts.get("aux", 0.0) + cfg.scale_weight * parts.get("scale", 0.0)
+            ema = parts["lm"].item() if ema is None else 0.95 * ema + 0.05 * parts["lm"].item()
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        opt.step()
         step += 1
-        lm = parts["lm"].item()
-        ema = lm if ema is None else 0.95 * ema + 0.05 * lm
-        if step % 10 == 0 or step == cfg.steps:
+        if step % 10 == 0 or step == total:
             now = time.monotonic()
             rate = (step - s_last) / max(1e-9, now - t_last)
             t_last, s_last = now, step
-            extra = {k: f"{float(v.detach()):.3f}" for k, v in parts.items() if k != "lm"}
-            bar.set_postfix(lm=f"{ema:.3f}", **extra, sps=f"{rate:.2f}")
+            shown = {k: f"{float(v.detach()):.3f}" for k, v in parts.items() if k != "lm"}
+            if ema is not None:
+                shown["lm"] = f"{ema:.3f}"
+            bar.set_postfix(**shown, sps=f"{rate:.2f}")
         bar.update(1)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if step % cfg.checkpoint_every == 0 or step == total:
             save_checkpoint()
         if stop_at is not None and step >= stop_at:
             bar.close()
@@ -327,7 +401,7 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
     batches.close()
     save_checkpoint()
     export(model, processor, out)
-    if step >= cfg.steps and out == SHIPPED_DIR.resolve():
+    if step >= total and out == SHIPPED_DIR.resolve():
         ckpt_path.unlink(missing_ok=True)  # the package ships the model only
     return out
 
