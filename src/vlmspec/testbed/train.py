@@ -232,15 +232,20 @@ def vision_batch(seed: int, step: int, batch_size: int, mix: str) -> dict:
                     for task in render.AUX_TASKS}}
 
 
+def image_features(model, raw_pixels: torch.Tensor) -> torch.Tensor:
+    """Projector outputs [n_images, 64, hidden] of raw uint8 pixels [n_images, H, W, 3]: the image tokens the
+    language model reads, computed by the image path alone."""
+    config = model.config
+    out = model.model.get_image_features(pixel_values=normalize(raw_pixels),
+                                         vision_feature_layer=config.vision_feature_layer,
+                                         vision_feature_select_strategy=config.vision_feature_select_strategy)
+    return torch.stack(list(out.pooler_output))
+
+
 def pretrain_vision_step(model, aux_head, batch: dict, device: str, scale_weight: float) -> dict[str, torch.Tensor]:
     """Losses of one vision-pretraining batch: the image path (vision tower, projector) and the aux head only."""
-    config = model.config
-    pixels_in = normalize(batch["pixel_values"].to(device))
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-        out = model.model.get_image_features(pixel_values=pixels_in,
-                                             vision_feature_layer=config.vision_feature_layer,
-                                             vision_feature_select_strategy=config.vision_feature_select_strategy)
-        feats = torch.stack(list(out.pooler_output))  # [n_images, 64, hidden]
+        feats = image_features(model, batch["pixel_values"].to(device))
         parts = image_losses(model, aux_head, feats, {k: v.to(device) for k, v in batch["aux"].items()})
     parts["loss"] = parts["aux"] + scale_weight * parts["scale"]
     return parts
@@ -338,6 +343,8 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
         state = torch.load(ckpt_path, weights_only=False, map_location=device)
         if state["arch"] != asdict(arch) or state["seed"] != seed:
             raise ValueError(f"{ckpt_path} was written by another seed/architecture; use a new --out")
+        if "vision_optimizer" not in state:
+            raise ValueError(f"{ckpt_path} was written by an older recipe (no vision phase); use a new --out")
         model.load_state_dict(state["model"])
         aux_head.load_state_dict(state["aux_head"])
         optimizer.load_state_dict(state["optimizer"])
@@ -373,7 +380,8 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
                 parts = losses(model, aux_head, batch, cfg.per_answer_loss)
             loss = parts["lm"] + cfg.aux_weight * parts.get("aux", 0.0) + cfg.scale_weight * parts.get("scale", 0.0)
-            ema = parts["lm"].item() if ema is None else 0.95 * ema + 0.05 * parts["lm"].item()
+            lm = parts["lm"].item()
+            ema = lm if ema is None else 0.95 * ema + 0.05 * lm
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
