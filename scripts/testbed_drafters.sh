@@ -3,7 +3,7 @@
 # ("Trained on the testbed"). Each step resumes when rerun (collect shards, training checkpoints, bench --resume is
 # not used: a finished bench folder is skipped). Two lanes of one core each; about 3 hours on the 2-core machine.
 #
-#   scripts/testbed_drafters.sh data | lane A | lane B | ablate A | ablate B | tune | ablation-eval | bench
+#   scripts/testbed_drafters.sh data | lane A | lane B | ablate A | ablate B | tune | ablation-eval | heldout | bench
 #
 # SCALE=N (percent, default 100) scales the main runs' step budgets; REGEN_WITH=DRAFTER (default testbed:eagle)
 # writes the regenerated answers by speculative decoding with that drafter, REGEN_WITH= by plain decoding (use it
@@ -13,6 +13,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 RUNS=${RUNS:-runs/testbed-drafters}
 SCALE=${SCALE:-100}
 REGEN_WITH=${REGEN_WITH-testbed:eagle}
+SCRIPTS=$(cd "$(dirname "$0")" && pwd)
 mkdir -p $RUNS && cd $RUNS
 DATA="data/regen-describe data/regen-mixed data/ref-describe data/ref-mixed"
 MIXED=caption,vqa,ocr,chart,multi_image,text_chat
@@ -117,6 +118,11 @@ PY
           --limit 8 --temperatures 0 --max-new-tokens 128 --cost-repeats 2 --no-plots --quiet --out abl-eval$g &
     done
     wait ;;
+  heldout)  # held-out acc@d of the main runs (and the ablation arms present) on the evaluation suites that
+             # ablation-eval uses, collected with the target's own greedy answers
+    vlmspec collect --target testbed --suites describe,caption,multi_image,text_chat --regenerate --out evaldata --quiet
+    python $SCRIPTS/draft_accuracy.py --target testbed --data evaldata \
+        --drafters $(printf "main/%s " $DRAFTERS) $(ls -d abl/* 2>/dev/null) ;;
   bench)  # the reported run, on the quiet machine with both cores: shipped drafters (tuned trees), the text
           # assistant as our draft-model (its tuned tree) and as HF's assisted-generation peer
     OMP_NUM_THREADS=2 vlmspec bench --target testbed --drafters none$(printf ",testbed:%s" $DRAFTERS),draft-model \

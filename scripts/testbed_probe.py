@@ -4,9 +4,17 @@ object, letter or bar (what the vision tower has learned to put on the image tok
 
     python scripts/testbed_probe.py runs/testbed-cpu                 # a run folder (its checkpoint.pt)
     python scripts/testbed_probe.py runs/testbed-cpu --n 60 --suites vqa,ocr,chart,caption
+    python scripts/testbed_probe.py src/vlmspec/testbed/weights --suites "" --position-order 500
 
-docs/testbed.md ("Next checkpoint") quotes this script's output. A finished model folder without a checkpoint
-gets the accuracy part only.
+`--position-order N` asks where the language model reads an object's position: the position questions among
+the first N vqa samples are answered three times, with the image tokens in raster order, with the order of the
+patch rows reversed and with the order inside each row reversed (the tokens' content unchanged). For objects off
+the middle row (column), it reports how often the answer's row (column) is the object's, and how often the
+mirrored one: an answer that follows the mirror when the order is reversed was read from the token's place in
+the sequence, not from its content.
+
+docs/testbed.md ("How the shipped model was made", "Measured") quotes this script's output. A finished model
+folder without a checkpoint gets no auxiliary-head part.
 """
 
 from __future__ import annotations
@@ -19,8 +27,8 @@ from pathlib import Path
 import torch
 
 from vlmspec.testbed import render
-from vlmspec.testbed.data import EVAL_SEED_START, write_suite
-from vlmspec.testbed.evaluate import evaluate_records, load, read_suite
+from vlmspec.testbed.data import EVAL_SEED_START, make_sample, write_suite
+from vlmspec.testbed.evaluate import evaluate_records, generate, load, read_suite
 from vlmspec.testbed.model import ArchConfig
 from vlmspec.testbed.train import CHECKPOINT, export_checkpoint, image_features, make_aux_head, vision_batch
 
@@ -45,12 +53,47 @@ def aux_accuracy(model, state: dict, batches: int = 8) -> dict[str, float]:
     return {task: round(right[task] / seen[task], 3) for task in right if seen[task]}
 
 
+@torch.no_grad()
+def position_order(model, processor, n: int) -> dict[str, dict[str, float]]:
+    """Row and column of the answers to position questions under three orders of the image tokens (see above)."""
+    side = render.GRID
+    orders = {"raster": list(range(side * side)),
+              "rows reversed": [(side - 1 - i // side) * side + i % side for i in range(side * side)],
+              "columns reversed": [(i // side) * side + side - 1 - i % side for i in range(side * side)]}
+    samples = [s for s in (make_sample("vqa", PROBE_SEED, i) for i in range(n)) if s.category == "position"]
+    where = {p: divmod(i, 3) for i, p in enumerate(render.POSITIONS)}  # name -> (row, column) on the 3 x 3 grid
+    chosen: list[int] = []
+    hook = model.model.multi_modal_projector.register_forward_hook(lambda m, i, out: out[:, chosen])
+    report = {}
+    try:
+        for name, order in orders.items():
+            chosen[:] = order
+            counts = dict.fromkeys(("exact", "rows", "row", "row mirrored", "columns", "column", "column mirrored"), 0)
+            for s in samples:
+                answer, _ = generate(model, processor, [r.image for r in s.images], s.messages(), max_new_tokens=8)
+                got, truth = where.get(answer.strip().lower().rstrip(".")), where[s.answer]
+                counts["exact"] += got == truth
+                for axis, key in ((0, "row"), (1, "column")):
+                    if truth[axis] != 1:  # the middle row/column is its own mirror
+                        counts[key + "s"] += 1
+                        counts[key] += got is not None and got[axis] == truth[axis]
+                        counts[key + " mirrored"] += got is not None and got[axis] == 2 - truth[axis]
+            report[name] = {"questions": len(samples), "exact": round(counts["exact"] / len(samples), 2),
+                            **{k: round(counts[k] / counts[k.split()[0] + "s"], 2)
+                               for k in ("row", "row mirrored", "column", "column mirrored")}}
+    finally:
+        hook.remove()
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a testbed run folder (with checkpoint.pt) or a model folder")
     parser.add_argument("--n", type=int, default=40, help="samples per suite (default 40)")
     parser.add_argument("--suites", default="vqa,ocr,chart,caption", help="comma-separated suites")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--position-order", type=int, default=0, metavar="N",
+                        help="also probe where positions are read from, on the first N vqa samples (see above)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     report = {}
@@ -61,11 +104,13 @@ def main() -> None:
             model_dir = export_checkpoint(args.run, Path(tmp) / "model")
             report["step"] = state["step"]
         model, processor = load(model_dir)
-        for name in args.suites.split(","):
+        for name in filter(None, args.suites.split(",")):
             records = read_suite(write_suite(name, args.n, PROBE_SEED, Path(tmp) / name))
             result = evaluate_records(model, processor, records)
             report[name] = {"accuracy": round(result["accuracy"], 3),
                             **{k: round(v, 2) for k, v in result["by_category"].items()}}
+        if args.position_order:
+            report["position_order"] = position_order(model, processor, args.position_order)
         if state is not None:
             report["aux_accuracy"] = aux_accuracy(model.float(), state)
     print(json.dumps(report))

@@ -57,6 +57,7 @@ class TrainConfig:
     vision_steps: int = 0  # vision pretraining steps (vision tower, projector, aux head on labelled images) first
     vision_batch_size: int = 64  # training samples per vision step (their images)
     vision_lr: float = 2e-3
+    shuffle_image_tokens: float = 0.0  # main phase: chance that an image's tokens reach the LM in a random order
 
 
 def pixels(image) -> np.ndarray:
@@ -186,10 +187,19 @@ def to_device(batch: dict, device: str) -> dict:
     return batch
 
 
-def losses(model, aux_head, batch: dict, per_answer: bool = True) -> dict[str, torch.Tensor]:
-    """Answer cross-entropy, per-patch auxiliary cross-entropy and the image-scale penalty."""
+def losses(model, aux_head, batch: dict, per_answer: bool = True,
+           orders: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Answer cross-entropy, per-patch auxiliary cross-entropy and the image-scale penalty. `orders`
+    [n_images, 64], if given, is the order in which each image's tokens reach the language model."""
     captured = {}
-    hook = model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.update(feats=o))
+
+    def capture(module, inputs, output):
+        captured["feats"] = output
+        if orders is not None:
+            return torch.gather(output, 1, orders.to(output.device)[..., None].expand_as(output))
+        return None
+
+    hook = model.model.multi_modal_projector.register_forward_hook(capture)
     try:
         out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], use_cache=False)
     finally:
@@ -208,6 +218,18 @@ def losses(model, aux_head, batch: dict, per_answer: bool = True) -> dict[str, t
     if batch["pixel_values"] is not None:
         result.update(image_losses(model, aux_head, captured["feats"], batch["aux"]))
     return result
+
+
+def image_token_orders(n_images: int, n_tokens: int, chance: float, seed: int, step: int) -> torch.Tensor | None:
+    """Per image, the order its tokens are fed in: a random permutation with probability `chance`, else the
+    raster order; a pure function of (seed, step). With a shuffled order the place of an image token in the
+    sequence says nothing about where its patch is, so the language model must read positions from the
+    token's content (the per-patch facts), not from its index."""
+    if chance <= 0 or n_images == 0:
+        return None
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    shuffle = torch.rand(n_images, generator=gen) < chance
+    return torch.stack([torch.randperm(n_tokens, generator=gen) if s else torch.arange(n_tokens) for s in shuffle])
 
 
 def image_losses(model, aux_head, feats: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -377,8 +399,10 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
             opt, trained = optimizer, params
             lr = lr_at(step - cfg.vision_steps, cfg.lr, cfg.warmup, cfg.steps)
             batch = to_device(batches.get(step - cfg.vision_steps), device)
+            n_images = 0 if batch["pixel_values"] is None else batch["pixel_values"].shape[0]
+            orders = image_token_orders(n_images, n_image * n_image, cfg.shuffle_image_tokens, seed, step)
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-                parts = losses(model, aux_head, batch, cfg.per_answer_loss)
+                parts = losses(model, aux_head, batch, cfg.per_answer_loss, orders)
             loss = parts["lm"] + cfg.aux_weight * parts.get("aux", 0.0) + cfg.scale_weight * parts.get("scale", 0.0)
             lm = parts["lm"].item()
             ema = lm if ema is None else 0.95 * ema + 0.05 * lm
