@@ -107,14 +107,17 @@ for kind in sys.argv[1].split():
     print(kind, "tree", ranked[0][1], "tuning:", [(round(v, 2), t["depth"], t["total_tokens"]) for v, t in ranked])
 PY
     ;;
-  ablation-eval)  # τ and acceptance only (speed is not compared here): two halves, one core each
+  ablation-eval)  # τ and acceptance only (speed is not compared here): two halves, one core each; arms not
+                  # trained (no train_config.json) are left out
     G1=abl/msd-2stage,abl/msd-mixed,abl/eagle-2stage,abl/flash-k2,abl/flash-k1,abl/vispec,abl/vispec-nocompress
     G1=$G1,abl/vispec-noglobal
     G2=abl/vispec-regen,abl/vispec-ref,abl/lumen,abl/lumen-sampled,abl/lumen-kv,abl/lumen-nologit,abl/lumen-novisual
     G2=$G2,abl/lumen-noglobal
     for g in 1 2; do
       arms=G$g
-      vlmspec bench --target testbed --drafters none,${!arms} --suites describe,caption,multi_image,text_chat \
+      arms=$(for a in ${!arms//,/ }; do [ -f $a/train_config.json ] && printf ",%s" $a; done)
+      [ -z "$arms" ] && continue
+      vlmspec bench --target testbed --drafters none$arms --suites describe,caption,multi_image,text_chat \
           --limit 8 --temperatures 0 --max-new-tokens 128 --cost-repeats 2 --no-plots --quiet --out abl-eval$g &
     done
     wait ;;
@@ -122,7 +125,7 @@ PY
              # ablation-eval uses, collected with the target's own greedy answers
     vlmspec collect --target testbed --suites describe,caption,multi_image,text_chat --regenerate --out evaldata --quiet
     python $SCRIPTS/draft_accuracy.py --target testbed --data evaldata \
-        --drafters $(printf "main/%s " $DRAFTERS) $(ls -d abl/* 2>/dev/null) ;;
+        --drafters $(printf "main/%s " $DRAFTERS) $(ls abl/*/train_config.json 2>/dev/null | xargs -rn1 dirname) ;;
   bench)  # the reported run, on the quiet machine with both cores: shipped drafters (tuned trees), the text
           # assistant as our draft-model (its tuned tree) and as HF's assisted-generation peer
     OMP_NUM_THREADS=2 vlmspec bench --target testbed --drafters none$(printf ",testbed:%s" $DRAFTERS),draft-model \
