@@ -161,7 +161,8 @@ def test_training_smoke_loss_falls_and_resume_is_exact(tmp_path):
     from vlmspec.testbed.train import CHECKPOINT, TrainConfig, build
 
     cfg = TrainConfig(steps=12, batch_size=4, warmup=2, lr=3e-3, checkpoint_every=5, threads=1, followups=2,
-                      vision_steps=4, vision_batch_size=4, shuffle_image_tokens=0.5)
+                      vision_steps=4, vision_batch_size=4, shuffle_image_tokens=0.5,
+                      mirror_image_tokens=0.5)
     full = build(tmp_path / "full", seed=3, arch=TINY, train=cfg, progress=False)
     build(tmp_path / "resumed", seed=3, arch=TINY, train=cfg, progress=False, stop_at=2)  # killed in vision
     killed = build(tmp_path / "resumed", seed=3, arch=TINY, train=cfg, progress=False, stop_at=7)  # and main
@@ -180,15 +181,21 @@ def test_training_smoke_loss_falls_and_resume_is_exact(tmp_path):
     assert not any("aux" in k for k in a)  # training-only heads are not saved
 
 
-def test_shuffled_image_tokens_reach_the_lm_reordered_and_the_aux_head_stays_aligned(tokenizer):
+def test_reordered_image_tokens_reach_the_lm_reordered_and_the_aux_head_stays_aligned(tokenizer):
     from vlmspec.testbed.train import Batches, image_token_orders, losses, make_aux_head, to_device
 
-    assert image_token_orders(3, 64, 0.0, 0, 5) is None
-    orders = image_token_orders(200, 64, 0.5, 0, 5)
-    assert torch.equal(orders, image_token_orders(200, 64, 0.5, 0, 5))        # a pure function of (seed, step)
+    assert image_token_orders(3, 8, 0, 5) is None
+    orders = image_token_orders(200, 8, 0, 5, shuffle=0.5)
+    assert torch.equal(orders, image_token_orders(200, 8, 0, 5, shuffle=0.5))  # a pure function of (seed, step)
     assert all(sorted(row.tolist()) == list(range(64)) for row in orders)
     shuffled = (orders != torch.arange(64)).any(1).float().mean()
-    assert 0.35 < shuffled < 0.65 and not torch.equal(orders, image_token_orders(200, 64, 0.5, 0, 6))
+    assert 0.35 < shuffled < 0.65 and not torch.equal(orders, image_token_orders(200, 8, 0, 6, shuffle=0.5))
+    grid = torch.arange(64).view(8, 8)
+    mirrors = {name: order.reshape(-1) for name, order in (("raster", grid), ("rows", grid.flip(0)),
+                                                            ("columns", grid.flip(1)), ("both", grid.flip(0, 1)))}
+    seen = [next(name for name, m in mirrors.items() if torch.equal(row, m))
+            for row in image_token_orders(400, 8, 0, 5, mirror=0.5)]  # every order is one of the four mirrors
+    assert all(60 < seen.count(name) < 140 for name in mirrors)  # each axis flipped about half the time
     torch.manual_seed(0)
     model, head = build_model(TINY, tokenizer), make_aux_head(TINY)
     batch = to_device(Batches(5, 4, tokenizer, render.GRID * render.GRID).get(0), "cpu")
@@ -196,7 +203,7 @@ def test_shuffled_image_tokens_reach_the_lm_reordered_and_the_aux_head_stays_ali
     with torch.no_grad():
         plain = losses(model, head, batch)
         same = losses(model, head, batch, orders=torch.arange(64).repeat(n_images, 1))
-        moved = losses(model, head, batch, orders=image_token_orders(n_images, 64, 1.0, 0, 0))
+        moved = losses(model, head, batch, orders=image_token_orders(n_images, 8, 0, 0, mirror=1.0))
     assert torch.equal(plain["lm"], same["lm"]) and not torch.equal(plain["lm"], moved["lm"])
     assert torch.equal(plain["aux"], moved["aux"]) and torch.equal(plain["scale"], moved["scale"])
 
@@ -235,6 +242,8 @@ def test_cli_data_and_errors(tmp_path, capsys):
     assert (tmp_path / "suite.jsonl").is_file()
     assert main(["testbed", "data", "--suite", "bogus", "--n", "2", "--seed", "1", "--out", str(tmp_path)]) == 2
     assert "unknown suite" in capsys.readouterr().err
+    assert main(["testbed", "build", "--out", str(tmp_path / "run"), "--mirror-image-tokens", "1.5"]) == 2
+    assert "--mirror-image-tokens is a probability" in capsys.readouterr().err
     for sub in ("build", "data", "eval"):
         with pytest.raises(SystemExit) as exit_info:
             main(["testbed", sub, "--help"])

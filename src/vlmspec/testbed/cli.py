@@ -20,15 +20,16 @@ def _build(args: argparse.Namespace) -> int:
     cfg = TrainConfig()
     overrides = {"batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "threads": args.threads,
                  "vision_steps": args.vision_steps, "vision_lr": args.vision_lr,
-                 "shuffle_image_tokens": args.shuffle_image_tokens}
+                 "shuffle_image_tokens": args.shuffle_image_tokens, "mirror_image_tokens": args.mirror_image_tokens}
     if args.followups < 0:
         raise ValueError(f"--followups must be >= 0, got {args.followups}")
     cfg = replace(cfg, mix=args.mix, per_answer_loss=not args.token_mean_loss, followups=args.followups,
                   **{k: v for k, v in overrides.items() if v is not None})
     if cfg.batch_size < 1 or cfg.lr <= 0 or cfg.threads < 1 or cfg.vision_lr <= 0:
         raise ValueError("batch size, learning rates and threads must be positive")
-    if not 0 <= cfg.shuffle_image_tokens <= 1:
-        raise ValueError(f"--shuffle-image-tokens is a probability, got {cfg.shuffle_image_tokens}")
+    for flag, chance in (("shuffle", cfg.shuffle_image_tokens), ("mirror", cfg.mirror_image_tokens)):
+        if not 0 <= chance <= 1:
+            raise ValueError(f"--{flag}-image-tokens is a probability, got {chance}")
     if cfg.vision_steps < 0:
         raise ValueError(f"--vision-steps must be >= 0, got {cfg.vision_steps}")
     out = build(out=args.out, seed=args.seed, steps=args.steps, minutes=args.minutes, device=args.device,
@@ -93,6 +94,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     build.add_argument("--shuffle-image-tokens", type=float, default=None, metavar="P",
                        help="chance that an image's tokens reach the language model in a random order during "
                             "the main phase, so positions must be read from the tokens' content (default 0)")
+    build.add_argument("--mirror-image-tokens", type=float, default=None, metavar="P",
+                       help="chance, per axis, that an image's token grid reaches the language model with its "
+                            "rows or each row's tokens reversed during the main phase (neighbours stay "
+                            "neighbours; positions must be read from content; default 0)")
     build.set_defaults(run=_build)
 
     data = sub.add_parser("data", help="write a suite: DIR/suite.jsonl plus images")

@@ -58,6 +58,7 @@ class TrainConfig:
     vision_batch_size: int = 64  # training samples per vision step (their images)
     vision_lr: float = 2e-3
     shuffle_image_tokens: float = 0.0  # main phase: chance that an image's tokens reach the LM in a random order
+    mirror_image_tokens: float = 0.0  # main phase: chance, per axis, that an image's token grid is fed reversed
 
 
 def pixels(image) -> np.ndarray:
@@ -220,16 +221,25 @@ def losses(model, aux_head, batch: dict, per_answer: bool = True,
     return result
 
 
-def image_token_orders(n_images: int, n_tokens: int, chance: float, seed: int, step: int) -> torch.Tensor | None:
-    """Per image, the order its tokens are fed in: a random permutation with probability `chance`, else the
-    raster order; a pure function of (seed, step). With a shuffled order the place of an image token in the
-    sequence says nothing about where its patch is, so the language model must read positions from the
-    token's content (the per-patch facts), not from its index."""
-    if chance <= 0 or n_images == 0:
+def image_token_orders(n_images: int, side: int, seed: int, step: int, shuffle: float = 0.0,
+                       mirror: float = 0.0) -> torch.Tensor | None:
+    """Per image, the order its side x side tokens are fed in; a pure function of (seed, step), None when both
+    chances are 0. With probability `shuffle` a random permutation, else the raster order; then, with
+    probability `mirror` per axis, the grid's rows and/or each row's tokens reversed. Either way the place of
+    an image token in the sequence no longer says where its patch is, so the language model must read positions
+    from the token's content (the per-patch facts); mirroring keeps neighbouring patches neighbours."""
+    if (shuffle <= 0 and mirror <= 0) or n_images == 0:
         return None
+    n_tokens = side * side
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    shuffle = torch.rand(n_images, generator=gen) < chance
-    return torch.stack([torch.randperm(n_tokens, generator=gen) if s else torch.arange(n_tokens) for s in shuffle])
+    shuffled = torch.rand(n_images, generator=gen) < shuffle
+    orders = torch.stack([torch.randperm(n_tokens, generator=gen) if s else torch.arange(n_tokens) for s in shuffled])
+    if mirror > 0:
+        flips = torch.rand(n_images, 2, generator=gen) < mirror  # [image, (rows, columns)]
+        grids = orders.view(n_images, side, side)
+        grids = torch.where(flips[:, 0, None, None], grids.flip(1), grids)
+        orders = torch.where(flips[:, 1, None, None], grids.flip(2), grids).reshape(n_images, n_tokens)
+    return orders
 
 
 def image_losses(model, aux_head, feats: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -400,7 +410,8 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
             lr = lr_at(step - cfg.vision_steps, cfg.lr, cfg.warmup, cfg.steps)
             batch = to_device(batches.get(step - cfg.vision_steps), device)
             n_images = 0 if batch["pixel_values"] is None else batch["pixel_values"].shape[0]
-            orders = image_token_orders(n_images, n_image * n_image, cfg.shuffle_image_tokens, seed, step)
+            orders = image_token_orders(n_images, n_image, seed, step, cfg.shuffle_image_tokens,
+                                        cfg.mirror_image_tokens)
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
                 parts = losses(model, aux_head, batch, cfg.per_answer_loss, orders)
             loss = parts["lm"] + cfg.aux_weight * parts.get("aux", 0.0) + cfg.scale_weight * parts.get("scale", 0.0)
