@@ -13,6 +13,10 @@ the middle row (column), it reports how often the answer's row (column) is the o
 mirrored one: an answer that follows the mirror when the order is reversed was read from the token's place in
 the sequence, not from its content.
 
+`--residual-probe N` asks how far the answer has got inside the language model: over the position and color
+questions among the first N vqa samples, a linear classifier per layer is fitted on the residual stream at the
+last prompt token (70 % of the questions) and scored on the rest (30 %); printed per layer, embeddings first.
+
 docs/testbed.md ("How the shipped model was made", "Measured") quotes this script's output. A finished model
 folder without a checkpoint gets no auxiliary-head part.
 """
@@ -25,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from vlmspec.testbed import render
 from vlmspec.testbed.data import EVAL_SEED_START, make_sample, write_suite
@@ -86,6 +91,44 @@ def position_order(model, processor, n: int) -> dict[str, dict[str, float]]:
     return report
 
 
+@torch.no_grad()
+def residual_probe(model, processor, n: int) -> dict[str, dict]:
+    """Held-out accuracy, per layer, of a linear classifier of the answer of position and color questions from
+    the residual stream at the last prompt token (see above)."""
+    states: dict[str, list] = {"position": [], "color": []}
+    answers: dict[str, list] = {"position": [], "color": []}
+    for s in (make_sample("vqa", PROBE_SEED, i) for i in range(n)):
+        if s.category in states:
+            text = processor.apply_chat_template(s.messages(), add_generation_prompt=True)
+            inputs = processor(images=[r.image for r in s.images], text=text, return_tensors="pt")
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            hidden = model(**inputs, output_hidden_states=True).hidden_states
+            states[s.category].append(torch.stack([h[0, -1].float() for h in hidden]))  # [layers + 1, width]
+            answers[s.category].append(s.answer)
+    report = {}
+    for category, rows in states.items():
+        x_all, names = torch.stack(rows), sorted(set(answers[category]))
+        y = torch.tensor([names.index(a) for a in answers[category]])
+        cut = int(0.7 * len(y))
+        accuracy = []
+        for layer in range(x_all.shape[1]):
+            x = x_all[:, layer]
+            x = (x - x[:cut].mean(0)) / (x[:cut].std(0) + 1e-6)
+            with torch.enable_grad():
+                weight = torch.zeros(x.shape[1], len(names), requires_grad=True)
+                bias = torch.zeros(len(names), requires_grad=True)
+                opt = torch.optim.Adam([weight, bias], lr=0.01)
+                for _ in range(300):
+                    opt.zero_grad()
+                    loss = F.cross_entropy(x[:cut] @ weight + bias, y[:cut]) + 1e-3 * weight.pow(2).sum()
+                    loss.backward()
+                    opt.step()
+            accuracy.append(round(float(((x[cut:] @ weight + bias).argmax(1) == y[cut:]).float().mean()), 2))
+        report[category] = {"questions": len(y), "held_out": len(y) - cut, "classes": len(names),
+                            "accuracy_by_layer": accuracy}
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a testbed run folder (with checkpoint.pt) or a model folder")
@@ -94,6 +137,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--position-order", type=int, default=0, metavar="N",
                         help="also probe where positions are read from, on the first N vqa samples (see above)")
+    parser.add_argument("--residual-probe", type=int, default=0, metavar="N",
+                        help="also fit per-layer linear probes of the answer on the first N vqa samples (see above)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     report = {}
@@ -111,6 +156,8 @@ def main() -> None:
                             **{k: round(v, 2) for k, v in result["by_category"].items()}}
         if args.position_order:
             report["position_order"] = position_order(model, processor, args.position_order)
+        if args.residual_probe:
+            report["residual_probe"] = residual_probe(model, processor, args.residual_probe)
         if state is not None:
             report["aux_accuracy"] = aux_accuracy(model.float(), state)
     print(json.dumps(report))
