@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from vlmspec.testbed import render
 from vlmspec.testbed.data import EVAL_SEED_START, make_sample, write_suite
-from vlmspec.testbed.evaluate import evaluate_records, generate, load, read_suite
+from vlmspec.testbed.evaluate import evaluate_records, generate, load, prompt_inputs, read_suite
 from vlmspec.testbed.model import ArchConfig
 from vlmspec.testbed.train import CHECKPOINT, export_checkpoint, image_features, make_aux_head, vision_batch
 
@@ -99,9 +99,7 @@ def residual_probe(model, processor, n: int) -> dict[str, dict]:
     answers: dict[str, list] = {"position": [], "color": []}
     for s in (make_sample("vqa", PROBE_SEED, i) for i in range(n)):
         if s.category in states:
-            text = processor.apply_chat_template(s.messages(), add_generation_prompt=True)
-            inputs = processor(images=[r.image for r in s.images], text=text, return_tensors="pt")
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            inputs = prompt_inputs(model, processor, [r.image for r in s.images], s.messages())
             hidden = model(**inputs, output_hidden_states=True).hidden_states
             states[s.category].append(torch.stack([h[0, -1].float() for h in hidden]))  # [layers + 1, width]
             answers[s.category].append(s.answer)

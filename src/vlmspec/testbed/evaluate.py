@@ -54,14 +54,20 @@ def read_suite(path: Path) -> list[dict]:
     return records
 
 
-@torch.inference_mode()
-def generate(model, processor, images: list, messages: list[dict], max_new_tokens: int = 96,
-             temperature: float = 0.0, seed: int | None = None) -> tuple[str, list[float]]:
-    """Answer text and, for each generated token, the entropy (nats) of the distribution it was drawn from."""
+def prompt_inputs(model, processor, images: list, messages: list[dict]):
+    """The model inputs of a chat with the generation prompt added, pixels in the model's dtype."""
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=images or None, text=text, return_tensors="pt")
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return inputs
+
+
+@torch.inference_mode()
+def generate(model, processor, images: list, messages: list[dict], max_new_tokens: int = 96,
+             temperature: float = 0.0, seed: int | None = None) -> tuple[str, list[float]]:
+    """Answer text and, for each generated token, the entropy (nats) of the distribution it was drawn from."""
+    inputs = prompt_inputs(model, processor, images, messages)
     if seed is not None:
         torch.manual_seed(seed)
     sample = temperature > 0
