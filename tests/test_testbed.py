@@ -162,7 +162,7 @@ def test_training_smoke_loss_falls_and_resume_is_exact(tmp_path):
 
     cfg = TrainConfig(steps=12, batch_size=4, warmup=2, lr=3e-3, checkpoint_every=5, threads=1, followups=2,
                       vision_steps=4, vision_batch_size=4, shuffle_image_tokens=0.5,
-                      mirror_image_tokens=0.5, math_attention=True)
+                      mirror_image_tokens=0.5)
     full = build(tmp_path / "full", seed=3, arch=TINY, train=cfg, progress=False)
     build(tmp_path / "resumed", seed=3, arch=TINY, train=cfg, progress=False, stop_at=2)  # killed in vision
     killed = build(tmp_path / "resumed", seed=3, arch=TINY, train=cfg, progress=False, stop_at=7)  # and main

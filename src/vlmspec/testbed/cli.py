@@ -20,8 +20,7 @@ def _build(args: argparse.Namespace) -> int:
     cfg = TrainConfig()
     overrides = {"batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "threads": args.threads,
                  "vision_steps": args.vision_steps, "vision_lr": args.vision_lr,
-                 "shuffle_image_tokens": args.shuffle_image_tokens, "mirror_image_tokens": args.mirror_image_tokens,
-                 "math_attention": args.math_attention or None}
+                 "shuffle_image_tokens": args.shuffle_image_tokens, "mirror_image_tokens": args.mirror_image_tokens}
     if args.followups < 0:
         raise ValueError(f"--followups must be >= 0, got {args.followups}")
     cfg = replace(cfg, mix=args.mix, per_answer_loss=not args.token_mean_loss, followups=args.followups,
@@ -99,9 +98,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="chance, per axis, that an image's token grid reaches the language model with its "
                             "rows or each row's tokens reversed during the main phase (neighbours stay "
                             "neighbours; positions must be read from content; default 0)")
-    build.add_argument("--math-attention", action="store_true",
-                       help="compute attention with PyTorch's math kernel: ~1.4x faster training steps than the "
-                            "default flash kernel on CPU at the testbed's sequence lengths (numbers differ slightly)")
     build.set_defaults(run=_build)
 
     data = sub.add_parser("data", help="write a suite: DIR/suite.jsonl plus images")

@@ -15,7 +15,6 @@ after it) and grouped by length within pools of `POOL` batches.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
@@ -28,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from vlmspec.testbed import SHIPPED_DIR, render
@@ -61,7 +59,6 @@ class TrainConfig:
     vision_lr: float = 2e-3
     shuffle_image_tokens: float = 0.0  # main phase: chance that an image's tokens reach the LM in a random order
     mirror_image_tokens: float = 0.0  # main phase: chance, per axis, that an image's token grid is fed reversed
-    math_attention: bool = False  # attention by the math kernel: faster than the flash kernel on CPU at these lengths
 
 
 def pixels(image) -> np.ndarray:
@@ -395,8 +392,6 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
                       "torch_rng": torch.get_rng_state(), "step": step,
                       "seed": seed, "arch": asdict(arch), "train": asdict(cfg)}, ckpt_path)
 
-    # the backward follows the kernel chosen in the forward, so only forwards need the context
-    attention = (lambda: sdpa_kernel(SDPBackend.MATH)) if cfg.math_attention else contextlib.nullcontext
     model.train()
     total = cfg.vision_steps + cfg.steps  # vision pretraining first, then the main phase
     bar = tqdm(total=total, initial=step, disable=not progress, desc="testbed", dynamic_ncols=True)
@@ -407,9 +402,8 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
         if step < cfg.vision_steps:
             opt, trained = vision_optimizer, vision_params
             lr = lr_at(step, cfg.vision_lr, max(1, cfg.vision_steps // 10), cfg.vision_steps)
-            with attention():
-                parts = pretrain_vision_step(model, aux_head, vision_batch(seed, step, cfg.vision_batch_size, cfg.mix),
-                                             device, cfg.scale_weight)
+            parts = pretrain_vision_step(model, aux_head, vision_batch(seed, step, cfg.vision_batch_size, cfg.mix),
+                                         device, cfg.scale_weight)
             loss = parts.pop("loss")
         else:
             opt, trained = optimizer, params
@@ -418,7 +412,7 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
             n_images = 0 if batch["pixel_values"] is None else batch["pixel_values"].shape[0]
             orders = image_token_orders(n_images, n_image, seed, step, cfg.shuffle_image_tokens,
                                         cfg.mirror_image_tokens)
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16), attention():
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
                 parts = losses(model, aux_head, batch, cfg.per_answer_loss, orders)
             loss = parts["lm"] + cfg.aux_weight * parts.get("aux", 0.0) + cfg.scale_weight * parts.get("scale", 0.0)
             lm = parts["lm"].item()
