@@ -35,7 +35,8 @@ from vlmspec.testbed import render
 from vlmspec.testbed.data import EVAL_SEED_START, make_sample, write_suite
 from vlmspec.testbed.evaluate import evaluate_records, generate, load, prompt_inputs, read_suite
 from vlmspec.testbed.model import ArchConfig
-from vlmspec.testbed.train import CHECKPOINT, export_checkpoint, image_features, make_aux_head, vision_batch
+from vlmspec.testbed.train import (CHECKPOINT, DEFAULT_AUX_TASKS, export_checkpoint, image_features, make_aux_head,
+                                   vision_batch)
 
 PROBE_SEED = EVAL_SEED_START - 10  # a training-range seed, never used by the training streams' own draws
 
@@ -43,14 +44,15 @@ PROBE_SEED = EVAL_SEED_START - 10  # a training-range seed, never used by the tr
 @torch.no_grad()
 def aux_accuracy(model, state: dict, batches: int = 8) -> dict[str, float]:
     """Per task: the run's aux head's accuracy on labelled patches (for kind and center: non-background only)."""
-    head = make_aux_head(ArchConfig(**state["arch"]))
+    tasks = tuple(state["train"].get("aux_tasks", DEFAULT_AUX_TASKS))
+    head = make_aux_head(ArchConfig(**state["arch"]), tasks)
     head.load_state_dict(state["aux_head"])
     right: dict[str, float] = {}
     seen: dict[str, float] = {}
     for b in range(batches):
         batch = vision_batch(PROBE_SEED, b, 16, state["train"]["mix"])
         logits = head(image_features(model, batch["pixel_values"]).float())
-        for task, task_logits in zip(render.AUX_TASKS, logits.split(list(render.AUX_TASKS.values()), dim=-1)):
+        for task, task_logits in zip(tasks, logits.split([render.AUX_TASKS[t] for t in tasks], dim=-1)):
             labels = batch["aux"][task]
             mask = labels > 0 if task in ("kind", "center") else labels >= 0
             right[task] = right.get(task, 0) + float((task_logits.argmax(-1)[mask] == labels[mask]).sum())

@@ -4,6 +4,7 @@ the shipped model's answers on evaluation seeds (skipped when the weights are no
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -78,15 +79,21 @@ def test_scene_and_chart_labels_hold_the_answers():
 
     objs = [Obj("red", "square", 0, "small"), Obj("red", "square", 8, "small"), Obj("blue", "circle", 4)]
     labels = render.render_scene(objs, random.Random(0)).labels
-    for cls, cell, count in ((render.object_class("red", "square"), {0, 8}, 2),
-                             (render.object_class("blue", "circle"), {4}, 1)):
+    for (color, shape), cell, count in ((("red", "square"), {0, 8}, 2), (("blue", "circle"), {4}, 1)):
+        cls = render.object_class(color, shape)
         mask = labels["kind"] == cls
         assert mask.any() and set(labels["cell"][mask].tolist()) == cell and (labels["count"][mask] == count).all()
         assert (labels["center"] == cls).sum() == len(cell)
-    assert (labels["cell"][labels["kind"] == 0] == -100).all()
+        assert (labels["color"][mask] == list(render.COLORS).index(color)).all()
+        assert (labels["shape"][mask] == render.SHAPES.index(shape)).all()
+    for task in ("cell", "color", "shape"):
+        assert (labels[task][labels["kind"] == 0] == -100).all()
     chart = render.render_chart([("red", 3), ("green", 7)], random.Random(0)).labels
-    assert set(chart["value"][chart["kind"] == render.object_class("red", "square")].tolist()) == {3}
-    assert set(chart["value"][chart["kind"] == render.object_class("green", "square")].tolist()) == {7}
+    for color, value in (("red", 3), ("green", 7)):
+        mask = chart["kind"] == render.object_class(color, "square")
+        assert set(chart["value"][mask].tolist()) == {value}
+        assert set(chart["color"][mask].tolist()) == {list(render.COLORS).index(color)}
+    assert "shape" not in chart  # bars have no shape label
 
 
 def test_image_questions_are_answered_by_the_scene():
@@ -226,6 +233,31 @@ def test_training_loss_decreases(tokenizer):
     assert float(lm.detach()) < 0.7 * first
 
 
+def test_aux_tasks_pick_the_heads_outputs_and_losses(tokenizer):
+    from vlmspec.testbed.train import DEFAULT_AUX_TASKS, Batches, losses, make_aux_head, to_device
+
+    factored = (*DEFAULT_AUX_TASKS, "color", "shape")
+    assert make_aux_head(TINY)[1].out_features == sum(render.AUX_TASKS[t] for t in DEFAULT_AUX_TASKS)
+    assert make_aux_head(TINY, factored)[1].out_features == sum(render.AUX_TASKS[t] for t in factored)
+    torch.manual_seed(0)
+    model = build_model(TINY, tokenizer)
+    batch = to_device(Batches(5, 8, tokenizer, render.GRID * render.GRID).get(0), "cpu")
+    assert (batch["aux"]["color"] >= 0).any() and (batch["aux"]["shape"] >= 0).any()
+    head, head_default = make_aux_head(TINY, factored), make_aux_head(TINY)
+    n = head_default[1].out_features
+    with torch.no_grad():
+        full = losses(model, head, batch, tasks=factored)["aux"]
+        head[1].weight[n:] = 0  # flat color and shape logits
+        head[1].bias[n:] = 0
+        head_default[1].weight.copy_(head[1].weight[:n])
+        head_default[1].bias.copy_(head[1].bias[:n])
+        flat = losses(model, head, batch, tasks=factored)["aux"]
+        default = losses(model, head_default, batch)["aux"]
+    # uniform color and shape logits add exactly log(6) + log(3) to the summed cross-entropy
+    assert torch.isclose(flat - default, torch.tensor(math.log(6) + math.log(3)), atol=1e-3)
+    assert not torch.isclose(full, flat)
+
+
 def test_build_refuses_shipped_neighbourhood(tmp_path):
     from vlmspec.testbed.train import build
 
@@ -244,6 +276,9 @@ def test_cli_data_and_errors(tmp_path, capsys):
     assert "unknown suite" in capsys.readouterr().err
     assert main(["testbed", "build", "--out", str(tmp_path / "run"), "--mirror-image-tokens", "1.5"]) == 2
     assert "--mirror-image-tokens is a probability" in capsys.readouterr().err
+    for tasks in ("kind,colour", "kind,kind", ","):
+        assert main(["testbed", "build", "--out", str(tmp_path / "run"), "--aux-tasks", tasks]) == 2
+        assert "--aux-tasks must list distinct names" in capsys.readouterr().err
     for sub in ("build", "data", "eval"):
         with pytest.raises(SystemExit) as exit_info:
             main(["testbed", sub, "--help"])

@@ -11,6 +11,7 @@ def _build(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from vlmspec.testbed.data import MIXES
+    from vlmspec.testbed.render import AUX_TASKS
     from vlmspec.testbed.train import TrainConfig, build
 
     if args.mix not in MIXES:
@@ -21,6 +22,12 @@ def _build(args: argparse.Namespace) -> int:
     overrides = {"batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup, "threads": args.threads,
                  "vision_steps": args.vision_steps, "vision_lr": args.vision_lr,
                  "shuffle_image_tokens": args.shuffle_image_tokens, "mirror_image_tokens": args.mirror_image_tokens}
+    if args.aux_tasks is not None:
+        tasks = tuple(t.strip() for t in args.aux_tasks.split(",") if t.strip())
+        unknown = [t for t in tasks if t not in AUX_TASKS]
+        if unknown or not tasks or len(set(tasks)) != len(tasks):
+            raise ValueError(f"--aux-tasks must list distinct names from {', '.join(AUX_TASKS)}; got {args.aux_tasks!r}")
+        overrides["aux_tasks"] = tasks
     if args.followups < 0:
         raise ValueError(f"--followups must be >= 0, got {args.followups}")
     cfg = replace(cfg, mix=args.mix, per_answer_loss=not args.token_mean_loss, followups=args.followups,
@@ -98,6 +105,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="chance, per axis, that an image's token grid reaches the language model with its "
                             "rows or each row's tokens reversed during the main phase (neighbours stay "
                             "neighbours; positions must be read from content; default 0)")
+    build.add_argument("--aux-tasks", default=None, metavar="LIST",
+                       help="comma-separated per-patch tasks of the training-only patch classifier (default "
+                            "kind,center,cell,count,word,value; color and shape add the object's color and shape "
+                            "as separate labels)")
     build.set_defaults(run=_build)
 
     data = sub.add_parser("data", help="write a suite: DIR/suite.jsonl plus images")

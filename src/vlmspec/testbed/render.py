@@ -4,9 +4,10 @@ Every image is `IMAGE_SIZE` x `IMAGE_SIZE` pixels, read by the vision tower as a
 patches. Each renderer also returns per-patch label grids (`GRID` x `GRID` ints, -100 where a task does not
 apply), one per task in `AUX_TASKS`: what the patch shows (background / color x shape / letter), the patch holding
 each object's centre, and facts about the object a patch belongs to (its 3 x 3 cell, how many objects of its
-kind the image holds, the word a letter belongs to, a bar's value). The labels feed a throwaway training-only
-classifier (see train.py) that stands in for vision pretraining: it teaches the vision tower to put each fact
-on the patches of its object, where the language model can read it; they are never part of the saved model.
+kind the image holds, the word a letter belongs to, a bar's value; and its color and its shape apart). The
+labels feed a throwaway training-only classifier (see train.py) that stands in for vision pretraining: it teaches
+the vision tower to put each fact on the patches of its object, where the language model can read it; they are
+never part of the saved model.
 
 Words and chart bars are drawn on patch-aligned cells (one letter per patch column, one value unit per patch
 row): this is what makes OCR and chart reading learnable for a model trained from scratch on a CPU.
@@ -63,6 +64,8 @@ AUX_TASKS: dict[str, int] = {
     "count": MAX_COUNT + 1,  # how many objects of this patch's color and shape the scene holds
     "word": len(OCR_WORDS),  # the word this letter belongs to
     "value": MAX_VALUE + 1,  # the value of the bar on this patch
+    "color": len(COLORS),  # the color of the object or bar on this patch (opt-in: train.TrainConfig.aux_tasks)
+    "shape": len(SHAPES),  # the shape of the object on this patch (scenes; opt-in)
 }
 
 
@@ -163,6 +166,8 @@ def render_scene(objects: list[Obj], rng: random.Random, background=None) -> Ren
         "kind": [object_class(*k) for k in kinds],
         "cell": [o.cell for o in objects],
         "count": [min(MAX_COUNT, kinds.count(k)) for k in kinds],
+        "color": [list(COLORS).index(o.color) for o in objects],
+        "shape": [SHAPES.index(o.shape) for o in objects],
     }, {"kind": 0})
     return Rendered(image, {**labels, "center": centers}, objects=tuple(objects))
 
@@ -207,7 +212,8 @@ def render_chart(bars: list[tuple[str, int]], rng: random.Random) -> Rendered:
         draw.rectangle(box, fill=COLORS[color])
         idraw.rectangle(box, fill=i + 1)
     labels = _labels(_patch_owners(ids), {"kind": [object_class(c, "square") for c, _ in bars],
-                                          "value": [v for _, v in bars]}, {"kind": 0})
+                                          "value": [v for _, v in bars],
+                                          "color": [list(COLORS).index(c) for c, _ in bars]}, {"kind": 0})
     return Rendered(image, labels, bars=tuple(bars))
 
 

@@ -7,7 +7,8 @@ model from going image-blind; neither is saved, the result is a standard `LlavaF
   on the scale of text tokens instead of drowning them;
 - a throwaway per-patch classifier on the projector output, trained on the generator's patch labels
   (`render.AUX_TASKS`: what each patch shows, each object's centre, and the facts the questions ask about the
-  object a patch belongs to: its cell, its count, its word, its bar value), standing in for vision pretraining.
+  object a patch belongs to: its cell, its count, its word, its bar value; `TrainConfig.aux_tasks` picks which),
+  standing in for vision pretraining.
 
 Batches are right-padded with no attention mask (causal attention never lets a real token see the padding
 after it) and grouped by length within pools of `POOL` batches.
@@ -38,6 +39,7 @@ POOL = 16  # batches per length-grouping pool
 VISION_STREAM_OFFSET = 100_000_000  # vision pretraining reads the training stream from this index on
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+DEFAULT_AUX_TASKS = ("kind", "center", "cell", "count", "word", "value")  # render.AUX_TASKS but color and shape
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class TrainConfig:
     vision_lr: float = 2e-3
     shuffle_image_tokens: float = 0.0  # main phase: chance that an image's tokens reach the LM in a random order
     mirror_image_tokens: float = 0.0  # main phase: chance, per axis, that an image's token grid is fed reversed
+    aux_tasks: tuple[str, ...] = DEFAULT_AUX_TASKS  # the render.AUX_TASKS the aux head learns
 
 
 def pixels(image) -> np.ndarray:
@@ -188,8 +191,8 @@ def to_device(batch: dict, device: str) -> dict:
     return batch
 
 
-def losses(model, aux_head, batch: dict, per_answer: bool = True,
-           orders: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def losses(model, aux_head, batch: dict, per_answer: bool = True, orders: torch.Tensor | None = None,
+           tasks: tuple[str, ...] = DEFAULT_AUX_TASKS) -> dict[str, torch.Tensor]:
     """Answer cross-entropy, per-patch auxiliary cross-entropy and the image-scale penalty. `orders`
     [n_images, 64], if given, is the order in which each image's tokens reach the language model."""
     captured = {}
@@ -217,7 +220,7 @@ def losses(model, aux_head, batch: dict, per_answer: bool = True,
         lm = (token_loss * mask).sum() / mask.sum().clamp(min=1.0)
     result = {"lm": lm}
     if batch["pixel_values"] is not None:
-        result.update(image_losses(model, aux_head, captured["feats"], batch["aux"]))
+        result.update(image_losses(model, aux_head, captured["feats"], batch["aux"], tasks))
     return result
 
 
@@ -242,13 +245,14 @@ def image_token_orders(n_images: int, side: int, seed: int, step: int, shuffle: 
     return orders
 
 
-def image_losses(model, aux_head, feats: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-patch auxiliary cross-entropy (summed over tasks) and the image-scale penalty of projector outputs
-    `feats` [n_images, 64, hidden]."""
+def image_losses(model, aux_head, feats: torch.Tensor, labels: dict[str, torch.Tensor],
+                 tasks: tuple[str, ...] = DEFAULT_AUX_TASKS) -> dict[str, torch.Tensor]:
+    """Per-patch auxiliary cross-entropy (summed over `tasks`, the aux head's) and the image-scale penalty of
+    projector outputs `feats` [n_images, 64, hidden]."""
     feats = feats.float()
-    aux_logits = aux_head(feats).split(list(render.AUX_TASKS.values()), dim=-1)  # [n_images, 64, classes] each
+    aux_logits = aux_head(feats).split([render.AUX_TASKS[t] for t in tasks], dim=-1)  # [n_images, 64, classes] each
     aux = sum(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[task].reshape(-1), ignore_index=-100)
-              for task, logits in zip(render.AUX_TASKS, aux_logits) if (labels[task] >= 0).any())
+              for task, logits in zip(tasks, aux_logits) if (labels[task] >= 0).any())
     text_rms = model.get_input_embeddings().weight.float().pow(2).mean().sqrt().detach()
     image_rms = feats.pow(2).mean().sqrt()
     return {"aux": aux, "scale": (image_rms.log() - text_rms.log()) ** 2}
@@ -274,23 +278,25 @@ def image_features(model, raw_pixels: torch.Tensor) -> torch.Tensor:
     return torch.stack(list(out.pooler_output))
 
 
-def pretrain_vision_step(model, aux_head, batch: dict, device: str, scale_weight: float) -> dict[str, torch.Tensor]:
+def pretrain_vision_step(model, aux_head, batch: dict, device: str, scale_weight: float,
+                         tasks: tuple[str, ...] = DEFAULT_AUX_TASKS) -> dict[str, torch.Tensor]:
     """Losses of one vision-pretraining batch: the image path (vision tower, projector) and the aux head only."""
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         feats = image_features(model, batch["pixel_values"].to(device))
-        parts = image_losses(model, aux_head, feats, {k: v.to(device) for k, v in batch["aux"].items()})
+        parts = image_losses(model, aux_head, feats, {k: v.to(device) for k, v in batch["aux"].items()}, tasks)
     parts["loss"] = parts["aux"] + scale_weight * parts["scale"]
     return parts
 
 
-def make_aux_head(arch: ArchConfig) -> torch.nn.Module:
-    """The throwaway per-patch classifier: projector output -> logits of every `render.AUX_TASKS` task.
+def make_aux_head(arch: ArchConfig, tasks: tuple[str, ...] = DEFAULT_AUX_TASKS) -> torch.nn.Module:
+    """The throwaway per-patch classifier: projector output -> logits of each of `tasks` (`render.AUX_TASKS`
+    names), in that order.
 
     It normalizes its input first: the image-scale penalty holds image tokens at the text embeddings' small
     scale, where a bare linear head needs huge weights and learns slowly.
     """
     return torch.nn.Sequential(torch.nn.LayerNorm(arch.hidden_size, elementwise_affine=False),
-                               torch.nn.Linear(arch.hidden_size, sum(render.AUX_TASKS.values())))
+                               torch.nn.Linear(arch.hidden_size, sum(render.AUX_TASKS[t] for t in tasks)))
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
@@ -358,7 +364,7 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
         start = LlavaForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
         model.load_state_dict(start.state_dict())
     model = model.to(device)
-    aux_head = make_aux_head(arch).to(device)
+    aux_head = make_aux_head(arch, cfg.aux_tasks).to(device)
     params = list(model.parameters()) + list(aux_head.parameters())
     vision_params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
                      *aux_head.parameters()]
@@ -377,6 +383,8 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
             raise ValueError(f"{ckpt_path} was written by another seed/architecture; use a new --out")
         if "vision_optimizer" not in state:
             raise ValueError(f"{ckpt_path} was written by an older recipe (no vision phase); use a new --out")
+        if tuple(state["train"].get("aux_tasks", DEFAULT_AUX_TASKS)) != tuple(cfg.aux_tasks):
+            raise ValueError(f"{ckpt_path} was written with other aux tasks; resume with the same --aux-tasks")
         model.load_state_dict(state["model"])
         aux_head.load_state_dict(state["aux_head"])
         optimizer.load_state_dict(state["optimizer"])
@@ -403,7 +411,7 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
             opt, trained = vision_optimizer, vision_params
             lr = lr_at(step, cfg.vision_lr, max(1, cfg.vision_steps // 10), cfg.vision_steps)
             parts = pretrain_vision_step(model, aux_head, vision_batch(seed, step, cfg.vision_batch_size, cfg.mix),
-                                         device, cfg.scale_weight)
+                                         device, cfg.scale_weight, cfg.aux_tasks)
             loss = parts.pop("loss")
         else:
             opt, trained = optimizer, params
@@ -413,7 +421,7 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
             orders = image_token_orders(n_images, n_image, seed, step, cfg.shuffle_image_tokens,
                                         cfg.mirror_image_tokens)
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-                parts = losses(model, aux_head, batch, cfg.per_answer_loss, orders)
+                parts = losses(model, aux_head, batch, cfg.per_answer_loss, orders, cfg.aux_tasks)
             loss = parts["lm"] + cfg.aux_weight * parts.get("aux", 0.0) + cfg.scale_weight * parts.get("scale", 0.0)
             lm = parts["lm"].item()
             ema = lm if ema is None else 0.95 * ema + 0.05 * lm
