@@ -292,3 +292,70 @@ def test_shipped_path_error(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="missing"):
         testbed.shipped_path()
     assert np.isfinite(1.0)
+
+
+def test_question_focus_names_the_objects_a_question_is_about():
+    cls = render.object_class
+    assert data.question_focus("What color is the triangle?") == {cls(c, "triangle") for c in render.COLORS}
+    assert data.question_focus("What shape is the red object?") == {cls("red", s) for s in render.SHAPES}
+    assert data.question_focus("How many blue circles are there?") == {cls("blue", "circle")}
+    assert data.question_focus("Where is the green square in the image?") == {cls("green", "square")}
+    assert data.question_focus("What is the value of the orange bar?") >= {cls("orange", "square")}
+    for question in ("Which bar is the tallest?", "Describe the image in detail.", "Is the red circle a blue one?"):
+        assert data.question_focus(question) == set()
+
+
+def test_focus_entries_point_at_the_named_objects_patches(tokenizer):
+    from vlmspec.testbed.train import encode
+
+    checked = 0
+    for i in range(60):
+        sample = data.training_sample(3, i, followups=3)
+        enc = encode(sample, tokenizer, render.GRID * render.GRID)
+        image_id = tokenizer.convert_tokens_to_ids("<image>")
+        turns = [(sample.question, sample.answer), *sample.followups]
+        if len(sample.images) != 1:
+            assert enc.focus == []
+            continue
+        kinds = sample.images[0].label_grid("kind").reshape(-1)
+        named = [t for t in turns if data.question_focus(t[0]) and np.isin(kinds, list(data.question_focus(t[0]))).any()]
+        assert len(enc.focus) == len(named)
+        for (query, start, patches), (question, answer) in zip(enc.focus, named):
+            assert enc.input_ids[start:start + 64] == [image_id] * 64
+            assert enc.labels[query] == -100 and enc.labels[query + 1] != -100  # predicts the answer's first token
+            first = tokenizer(" " + answer, add_special_tokens=False)["input_ids"][0]
+            assert enc.input_ids[query + 1] == first
+            assert np.array_equal(patches, np.isin(kinds, list(data.question_focus(question))))
+            checked += 1
+    assert checked > 20
+
+
+def test_attention_focus_loss_is_the_models_own_attention_on_the_named_patches(tokenizer):
+    from vlmspec.testbed.train import Batches, losses, make_aux_head, to_device
+
+    torch.manual_seed(0)
+    model, head = build_model(TINY, tokenizer), make_aux_head(TINY)
+    batch = to_device(Batches(3, 4, tokenizer, render.GRID * render.GRID, followups=2).get(0), "cpu")
+    focus = batch["focus"]
+    assert focus is not None and len(focus["row"]) >= 4
+    layer, heads = 1, 2
+    with torch.no_grad():
+        got = losses(model, head, batch, attend=(layer, heads))["attend"]
+        assert "attend" not in losses(model, head, batch)
+        model.set_attn_implementation("eager")
+        weights = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], use_cache=False,
+                        output_attentions=True).attentions[layer]  # [B, H, T, T]
+    expected = []
+    for row, query, start, patches in zip(focus["row"], focus["query"], focus["start"], focus["patches"]):
+        keys = start + torch.nonzero(patches).flatten()
+        expected.append(-weights[row, :heads, query, keys].sum(-1).log())
+    assert torch.allclose(got, torch.cat(expected).mean(), rtol=1e-4, atol=1e-5)
+    # and it trains: a few steps on this loss alone raise the mass on the named patches
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.set_attn_implementation("sdpa")
+    for _ in range(10):
+        loss = losses(model, head, batch, attend=(layer, heads))["attend"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < float(got)

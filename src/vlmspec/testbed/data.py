@@ -90,6 +90,18 @@ def image_questions(image: Rendered, rng: random.Random, skip: str = "") -> list
     return [(rng.choice(phrasings), answer) for phrasings, answer in asked if skip not in phrasings]
 
 
+def question_focus(question: str) -> set[int]:
+    """The patch classes (`render` kind labels) of what a question about a scene or chart is about: every
+    object of the one color and/or the one shape it names (a chart bar is drawn as a square). Empty when it
+    names no color or shape, or several."""
+    words = [w.strip("?.,!").lower() for w in question.split()]
+    colors = {w for w in words if w in COLORS}
+    shapes = {w.removesuffix("s") for w in words if w.removesuffix("s") in SHAPES}
+    if len(colors) > 1 or len(shapes) > 1 or not (colors or shapes):
+        return set()
+    return {render.object_class(c, s) for c in (colors or COLORS) for s in (shapes or SHAPES)}
+
+
 def gen_vqa(rng: random.Random) -> Sample:
     kind = rng.choice(("color", "shape", "position", "count"))
     if kind == "count":

@@ -9,6 +9,11 @@ model from going image-blind; neither is saved, the result is a standard `LlavaF
   (`render.AUX_TASKS`: what each patch shows, each object's centre, and the facts the questions ask about the
   object a patch belongs to: its cell, its count, its word, its bar value), standing in for vision pretraining.
 
+Optionally (`attend_weight` > 0) a third: where a question names the objects it is about (`data.question_focus`),
+the position that predicts the answer's first token is taught, in a few heads of one decoder layer, to attend to
+those objects' image tokens: -log of the attention mass on them. The lookup "which patches does the question
+mean" is what the language model otherwise has to discover on its own.
+
 Batches are right-padded with no attention mask (causal attention never lets a real token see the padding
 after it) and grouped by length within pools of `POOL` batches.
 """
@@ -28,9 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers.models.llama.modeling_llama import rotate_half
 
 from vlmspec.testbed import SHIPPED_DIR, render
-from vlmspec.testbed.data import EVAL_SEED_START, Sample, training_sample
+from vlmspec.testbed.data import EVAL_SEED_START, Sample, question_focus, training_sample
 from vlmspec.testbed.model import IMAGE_TOKEN, ArchConfig, build_model, build_processor, corpus, train_tokenizer
 
 CHECKPOINT = "checkpoint.pt"
@@ -59,6 +65,9 @@ class TrainConfig:
     vision_lr: float = 2e-3
     shuffle_image_tokens: float = 0.0  # main phase: chance that an image's tokens reach the LM in a random order
     mirror_image_tokens: float = 0.0  # main phase: chance, per axis, that an image's token grid is fed reversed
+    attend_weight: float = 0.0  # weight of the attention-focus loss (0: off)
+    attend_layer: int = 8  # decoder layer whose first `attend_heads` heads it supervises
+    attend_heads: int = 1
 
 
 def pixels(image) -> np.ndarray:
@@ -79,13 +88,18 @@ class Encoded:
     labels: list[int]  # -100 outside the answer
     pixels: list[np.ndarray]  # [H, W, 3] uint8 per image, in order of appearance
     aux: dict[str, list[np.ndarray]]  # AUX_TASKS name -> [GRID * GRID] labels per image (-100: not applicable)
+    # per question about named objects of a one-image sample: (position predicting the answer's first token,
+    # position of the first image token, [GRID * GRID] bool: the patches of those objects)
+    focus: list[tuple[int, int, np.ndarray]]
 
 
 def encode(sample: Sample, tokenizer, n_image_tokens: int) -> Encoded:
     """Each turn's prompt through the chat template (images expanded), then " answer" + eos as the supervised
     part; follow-up turns continue the conversation with the template's own text between answers."""
     messages, rendered = sample.messages(), ""
-    input_ids, labels = [], []
+    input_ids, labels, focus = [], [], []
+    kinds = sample.images[0].label_grid("kind").reshape(-1) if len(sample.images) == 1 else None
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     for question, answer in [(sample.question, sample.answer), *sample.followups]:
         if rendered:
             messages = [*messages, {"role": "user", "content": question}]
@@ -95,12 +109,16 @@ def encode(sample: Sample, tokenizer, n_image_tokens: int) -> Encoded:
         piece = text[len(rendered):].replace(IMAGE_TOKEN, IMAGE_TOKEN * n_image_tokens)
         prompt_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        input_ids += prompt_ids + answer_ids
+        patches = np.isin(kinds, list(question_focus(question))) if kinds is not None else None
+        input_ids += prompt_ids
+        if patches is not None and patches.any():
+            focus.append((len(input_ids) - 1, input_ids.index(image_id), patches))
+        input_ids += answer_ids
         labels += [-100] * len(prompt_ids) + answer_ids
         messages = [*messages, {"role": "assistant", "content": answer}]
         rendered = text + " " + answer + tokenizer.eos_token
     aux = {task: [r.label_grid(task).reshape(-1) for r in sample.images] for task in render.AUX_TASKS}
-    return Encoded(input_ids, labels, [pixels(r.image) for r in sample.images], aux)
+    return Encoded(input_ids, labels, [pixels(r.image) for r in sample.images], aux, focus)
 
 
 _WORKER: dict = {}
@@ -170,7 +188,13 @@ def collate(items: list[Encoded], pad_id: int) -> dict:
     for i, e in enumerate(items):
         ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
         labels[i, : len(e.labels)] = torch.tensor(e.labels)
-    out = {"input_ids": ids, "labels": labels, "pixel_values": None, "aux": None}
+    out = {"input_ids": ids, "labels": labels, "pixel_values": None, "aux": None, "focus": None}
+    firsts = np.cumsum([0] + [len(e.pixels) for e in items])  # index of each item's first image in the batch
+    entries = [(i, query, start, firsts[i], patches) for i, e in enumerate(items) for query, start, patches in e.focus]
+    if entries:
+        row, query, start, image, patches = zip(*entries)
+        out["focus"] = {"row": torch.tensor(row), "query": torch.tensor(query), "start": torch.tensor(start),
+                        "image": torch.tensor(np.array(image)), "patches": torch.from_numpy(np.stack(patches))}
     if any(e.pixels for e in items):
         out["pixel_values"] = torch.from_numpy(np.stack([p for e in items for p in e.pixels]))  # uint8 [N, H, W, 3]
         out["aux"] = {task: torch.from_numpy(np.stack([p for e in items for p in e.aux[task]]))
@@ -180,19 +204,23 @@ def collate(items: list[Encoded], pad_id: int) -> dict:
 
 def to_device(batch: dict, device: str) -> dict:
     """Move a collated batch to `device` and normalize its raw uint8 pixels there."""
-    aux = batch["aux"]
-    batch = {k: v.to(device) if v is not None else None for k, v in batch.items() if k != "aux"}
-    batch["aux"] = {k: v.to(device) for k, v in aux.items()} if aux is not None else None
+    nested = {k: batch[k] for k in ("aux", "focus")}
+    batch = {k: v.to(device) if v is not None else None for k, v in batch.items() if k not in nested}
+    batch.update({k: {n: t.to(device) for n, t in v.items()} if v is not None else None for k, v in nested.items()})
     if batch["pixel_values"] is not None:
         batch["pixel_values"] = normalize(batch["pixel_values"])
     return batch
 
 
-def losses(model, aux_head, batch: dict, per_answer: bool = True,
-           orders: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def losses(model, aux_head, batch: dict, per_answer: bool = True, orders: torch.Tensor | None = None,
+           attend: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
     """Answer cross-entropy, per-patch auxiliary cross-entropy and the image-scale penalty. `orders`
-    [n_images, 64], if given, is the order in which each image's tokens reach the language model."""
+    [n_images, 64], if given, is the order in which each image's tokens reach the language model. `attend`
+    (layer, heads) adds the attention-focus loss of those heads when the batch has focus entries."""
     captured = {}
+
+    def capture_attention_input(module, args, kwargs):
+        captured["attention"] = (module, kwargs["hidden_states"], kwargs["position_embeddings"])
 
     def capture(module, inputs, output):
         captured["feats"] = output
@@ -200,11 +228,16 @@ def losses(model, aux_head, batch: dict, per_answer: bool = True,
             return torch.gather(output, 1, orders.to(output.device)[..., None].expand_as(output))
         return None
 
-    hook = model.model.multi_modal_projector.register_forward_hook(capture)
+    hooks = [model.model.multi_modal_projector.register_forward_hook(capture)]
+    focus = batch.get("focus") if attend is not None else None
+    if focus is not None:
+        attention = model.model.language_model.layers[attend[0]].self_attn
+        hooks.append(attention.register_forward_pre_hook(capture_attention_input, with_kwargs=True))
     try:
         out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], use_cache=False)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     logits = out.logits[:, :-1].float()  # [B, T-1, V]
     targets = batch["labels"][:, 1:]
     token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
@@ -218,7 +251,36 @@ def losses(model, aux_head, batch: dict, per_answer: bool = True,
     result = {"lm": lm}
     if batch["pixel_values"] is not None:
         result.update(image_losses(model, aux_head, captured["feats"], batch["aux"]))
+    if focus is not None:
+        result["attend"] = attention_focus_loss(*captured["attention"], focus, attend[1], orders)
     return result
+
+
+def attention_focus_loss(attention, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                         focus: dict[str, torch.Tensor], heads: int,
+                         orders: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over focus entries and the first `heads` heads of -log(attention mass on the focus patches), for the
+    attention module `attention` given its input `hidden` [B, T, D] and rotary (cos, sin): the same attention
+    weights the model computes, recomputed for the supervised query positions only."""
+    rows, query = focus["row"], focus["query"]
+    entries, length, dim = len(rows), hidden.shape[1], attention.head_dim
+    h = hidden[rows]  # [M, T, D]
+    cos, sin = (t.expand(hidden.shape[0], -1, -1)[rows].float() for t in position_embeddings)  # [M, T, dim]
+    picked = torch.arange(entries, device=h.device)
+    q = attention.q_proj(h[picked, query]).float().view(entries, -1, dim)[:, :heads]  # [M, heads, dim]
+    k = attention.k_proj(h).float().view(entries, length, -1, dim)
+    k = k.repeat_interleave(attention.num_key_value_groups, dim=2)[:, :, :heads]  # [M, T, heads, dim]
+    q = q * cos[picked, query, None] + rotate_half(q) * sin[picked, query, None]
+    k = k * cos[:, :, None] + rotate_half(k) * sin[:, :, None]
+    logits = torch.einsum("mhd,mthd->mht", q, k) * attention.scaling  # [M, heads, T]
+    patches = focus["patches"]
+    if orders is not None:  # the token at image slot j shows patch orders[j]
+        patches = torch.gather(patches, 1, orders.to(patches.device)[focus["image"]])
+    slots = focus["start"][:, None] + torch.arange(patches.shape[1], device=h.device)
+    target = torch.zeros(entries, length, dtype=torch.bool, device=h.device).scatter(1, slots, patches)
+    allowed = torch.arange(length, device=h.device) <= query[:, None]  # causal
+    on_target = logits.masked_fill(~target[:, None], float("-inf")).logsumexp(-1)
+    return (logits.masked_fill(~allowed[:, None], float("-inf")).logsumexp(-1) - on_target).mean()
 
 
 def image_token_orders(n_images: int, side: int, seed: int, step: int, shuffle: float = 0.0,
@@ -342,6 +404,9 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
     cfg = train or TrainConfig()
     if steps is not None:
         cfg = TrainConfig(**{**asdict(cfg), "steps": steps})
+    if cfg.attend_weight < 0 or not 0 <= cfg.attend_layer < arch.num_layers or not 1 <= cfg.attend_heads <= arch.num_heads:
+        raise ValueError(f"attention focus: weight must be >= 0, layer in [0, {arch.num_layers}) and heads in "
+                         f"[1, {arch.num_heads}]; got {cfg.attend_weight}, {cfg.attend_layer}, {cfg.attend_heads}")
     out = _resolve_out(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -413,8 +478,10 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
             orders = image_token_orders(n_images, n_image, seed, step, cfg.shuffle_image_tokens,
                                         cfg.mirror_image_tokens)
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-                parts = losses(model, aux_head, batch, cfg.per_answer_loss, orders)
+                parts = losses(model, aux_head, batch, cfg.per_answer_loss, orders,
+                               (cfg.attend_layer, cfg.attend_heads) if cfg.attend_weight > 0 else None)
             loss = parts["lm"] + cfg.aux_weight * parts.get("aux", 0.0) + cfg.scale_weight * parts.get("scale", 0.0)
+            loss = loss + cfg.attend_weight * parts.get("attend", 0.0)
             lm = parts["lm"].item()
             ema = lm if ema is None else 0.95 * ema + 0.05 * lm
         for group in opt.param_groups:
