@@ -17,6 +17,13 @@ the sequence, not from its content.
 questions among the first N vqa samples, a linear classifier per layer is fitted on the residual stream at the
 last prompt token (70 % of the questions) and scored on the rest (30 %); printed per layer, embeddings first.
 
+`--focus-mass N` asks whether the language model looks at the object a question names: over the color, shape,
+count and position questions among the first N vqa samples, the attention mass that the last prompt token puts
+on the patches of the named objects (`data.question_focus`), per layer for the head that puts most there on
+average, next to the named patches' share of the prompt (what uniform attention gives); and, over the questions
+whose scene also shows other objects, the share of that head's mass on objects that goes to the named ones, next
+to the named ones' share of the object patches (what a head that finds objects but not the named one gives).
+
 docs/testbed.md ("How the shipped model was made", "Measured") quotes this script's output. A finished model
 folder without a checkpoint gets no auxiliary-head part.
 """
@@ -28,11 +35,12 @@ import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from vlmspec.testbed import render
-from vlmspec.testbed.data import EVAL_SEED_START, make_sample, write_suite
+from vlmspec.testbed.data import EVAL_SEED_START, make_sample, question_focus, write_suite
 from vlmspec.testbed.evaluate import evaluate_records, generate, load, prompt_inputs, read_suite
 from vlmspec.testbed.model import ArchConfig
 from vlmspec.testbed.train import CHECKPOINT, export_checkpoint, image_features, make_aux_head, vision_batch
@@ -127,6 +135,40 @@ def residual_probe(model, processor, n: int) -> dict[str, dict]:
     return report
 
 
+@torch.no_grad()
+def focus_mass(model, processor, n: int) -> dict[str, dict]:
+    """Per vqa category: attention mass from the last prompt token on the named objects' patches (see above)."""
+    model.set_attn_implementation("eager")
+    masses: dict[str, list] = {}
+    shares: dict[str, list] = {}
+    for s in (make_sample("vqa", PROBE_SEED, i) for i in range(n)):
+        kinds = s.images[0].label_grid("kind").reshape(-1)
+        named = np.isin(kinds, list(question_focus(s.question)))
+        inputs = prompt_inputs(model, processor, [r.image for r in s.images], s.messages())
+        ids = inputs["input_ids"][0]
+        start = int((ids == model.config.image_token_id).nonzero()[0])
+        attentions = model(**inputs, output_attentions=True).attentions  # per layer [1, heads, T, T]
+        others = (kinds > 0) & ~named
+        both = torch.stack([torch.stack([a[0, :, -1, start + torch.from_numpy(np.flatnonzero(which))].float().sum(-1)
+                                         for a in attentions]) for which in (named, others)])
+        masses.setdefault(s.category, []).append(both)  # [named / others, layers, heads]
+        shares.setdefault(s.category, []).append((named.sum() / len(ids), named.sum() / (named.sum() + others.sum())))
+    model.set_attn_implementation("sdpa")
+    report = {}
+    for category, rows in masses.items():
+        both = torch.stack(rows)  # [questions, named / others, layers, heads]
+        best = both[:, 0].mean(0).argmax(1)[None, :, None].expand(len(rows), -1, 1)  # per layer, its best head
+        named, others = both[:, 0].gather(2, best)[..., 0], both[:, 1].gather(2, best)[..., 0]  # [questions, layers]
+        crowded = torch.tensor([share < 1 for _, share in shares[category]])
+        picked = (named / (named + others).clamp(min=1e-9))[crowded].mean(0)
+        report[category] = {"questions": len(rows), "uniform": round(float(np.mean([u for u, _ in shares[category]])), 3),
+                            "named": [round(float(m), 2) for m in named.mean(0)],
+                            "with_others": int(crowded.sum()),
+                            "objects_share": round(float(np.mean([o for _, o in shares[category] if o < 1])), 2),
+                            "named_of_object_mass": [round(float(m), 2) for m in picked]}
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a testbed run folder (with checkpoint.pt) or a model folder")
@@ -137,6 +179,8 @@ def main() -> None:
                         help="also probe where positions are read from, on the first N vqa samples (see above)")
     parser.add_argument("--residual-probe", type=int, default=0, metavar="N",
                         help="also fit per-layer linear probes of the answer on the first N vqa samples (see above)")
+    parser.add_argument("--focus-mass", type=int, default=0, metavar="N",
+                        help="also measure attention on the named objects over the first N vqa samples (see above)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     report = {}
@@ -156,6 +200,8 @@ def main() -> None:
             report["position_order"] = position_order(model, processor, args.position_order)
         if args.residual_probe:
             report["residual_probe"] = residual_probe(model, processor, args.residual_probe)
+        if args.focus_mass:
+            report["focus_mass"] = focus_mass(model, processor, args.focus_mass)
         if state is not None:
             report["aux_accuracy"] = aux_accuracy(model.float(), state)
     print(json.dumps(report))
