@@ -296,41 +296,48 @@ def test_shipped_path_error(monkeypatch, tmp_path):
 
 def test_question_focus_names_the_objects_a_question_is_about():
     cls = render.object_class
-    assert data.question_focus("What color is the triangle?") == {cls(c, "triangle") for c in render.COLORS}
-    assert data.question_focus("What shape is the red object?") == {cls("red", s) for s in render.SHAPES}
-    assert data.question_focus("How many blue circles are there?") == {cls("blue", "circle")}
-    assert data.question_focus("Where is the green square in the image?") == {cls("green", "square")}
-    assert data.question_focus("What is the value of the orange bar?") >= {cls("orange", "square")}
+    triangles = {cls(c, "triangle") for c in render.COLORS}
+    assert data.question_focus("What color is the triangle?") == (triangles, len("What color is the triangle"))
+    assert data.question_focus("What shape is the red object?") == ({cls("red", s) for s in render.SHAPES},
+                                                                     len("What shape is the red"))
+    assert data.question_focus("How many blue circles are there?") == ({cls("blue", "circle")},
+                                                                       len("How many blue circles"))
+    assert data.question_focus("Where is the green square in the image?")[0] == {cls("green", "square")}
+    assert cls("orange", "square") in data.question_focus("What is the value of the orange bar?")[0]
     for question in ("Which bar is the tallest?", "Describe the image in detail.", "Is the red circle a blue one?"):
-        assert data.question_focus(question) == set()
+        assert data.question_focus(question) == (set(), 0)
 
 
 def test_focus_entries_point_at_the_named_objects_patches(tokenizer):
     from vlmspec.testbed.train import encode
 
     checked = 0
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
     for i in range(60):
         sample = data.training_sample(3, i, followups=3)
         enc = encode(sample, tokenizer, render.GRID * render.GRID)
-        image_id = tokenizer.convert_tokens_to_ids("<image>")
-        turns = [(sample.question, sample.answer), *sample.followups]
         if len(sample.images) != 1:
             assert enc.focus == []
             continue
         kinds = sample.images[0].label_grid("kind").reshape(-1)
-        named = [t for t in turns if data.question_focus(t[0]) and np.isin(kinds, list(data.question_focus(t[0]))).any()]
+        turns = [(sample.question, sample.answer), *sample.followups]
+        named = [(q, a) for q, a in turns if np.isin(kinds, list(data.question_focus(q)[0])).any()]
         assert len(enc.focus) == len(named)
-        for (query, start, patches), (question, answer) in zip(enc.focus, named):
+        for (answer_at, name_at, start, patches), (question, answer) in zip(enc.focus, named):
             assert enc.input_ids[start:start + 64] == [image_id] * 64
-            assert enc.labels[query] == -100 and enc.labels[query + 1] != -100  # predicts the answer's first token
-            first = tokenizer(" " + answer, add_special_tokens=False)["input_ids"][0]
-            assert enc.input_ids[query + 1] == first
-            assert np.array_equal(patches, np.isin(kinds, list(data.question_focus(question))))
+            assert enc.labels[answer_at] == -100 and enc.labels[answer_at + 1] != -100
+            assert enc.input_ids[answer_at + 1] == tokenizer(" " + answer, add_special_tokens=False)["input_ids"][0]
+            classes, end = data.question_focus(question)
+            word = question[:end].split()[-1].lower()
+            assert word.endswith(tokenizer.decode([enc.input_ids[name_at]]).strip().lower())  # its last token
+            assert start < name_at < answer_at
+            assert np.array_equal(patches, np.isin(kinds, list(classes)))
             checked += 1
     assert checked > 20
 
 
-def test_attention_focus_loss_is_the_models_own_attention_on_the_named_patches(tokenizer):
+@pytest.mark.parametrize("at", ["name", "answer"])
+def test_attention_focus_loss_is_the_models_own_attention_on_the_named_patches(tokenizer, at):
     from vlmspec.testbed.train import Batches, losses, make_aux_head, to_device
 
     torch.manual_seed(0)
@@ -340,13 +347,13 @@ def test_attention_focus_loss_is_the_models_own_attention_on_the_named_patches(t
     assert focus is not None and len(focus["row"]) >= 4
     layer, heads = 1, 2
     with torch.no_grad():
-        got = losses(model, head, batch, attend=(layer, heads))["attend"]
+        got = losses(model, head, batch, attend=(layer, heads, at))["attend"]
         assert "attend" not in losses(model, head, batch)
         model.set_attn_implementation("eager")
         weights = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], use_cache=False,
                         output_attentions=True).attentions[layer]  # [B, H, T, T]
     expected = []
-    for row, query, start, patches in zip(focus["row"], focus["query"], focus["start"], focus["patches"]):
+    for row, query, start, patches in zip(focus["row"], focus[at], focus["start"], focus["patches"]):
         keys = start + torch.nonzero(patches).flatten()
         expected.append(-weights[row, :heads, query, keys].sum(-1).log())
     assert torch.allclose(got, torch.cat(expected).mean(), rtol=1e-4, atol=1e-5)
@@ -354,7 +361,7 @@ def test_attention_focus_loss_is_the_models_own_attention_on_the_named_patches(t
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     model.set_attn_implementation("sdpa")
     for _ in range(10):
-        loss = losses(model, head, batch, attend=(layer, heads))["attend"]
+        loss = losses(model, head, batch, attend=(layer, heads, at))["attend"]
         opt.zero_grad()
         loss.backward()
         opt.step()

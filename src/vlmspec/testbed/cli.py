@@ -22,7 +22,7 @@ def _build(args: argparse.Namespace) -> int:
                  "vision_steps": args.vision_steps, "vision_lr": args.vision_lr,
                  "shuffle_image_tokens": args.shuffle_image_tokens, "mirror_image_tokens": args.mirror_image_tokens,
                  "attend_weight": args.attend_weight, "attend_layer": args.attend_layer,
-                 "attend_heads": args.attend_heads}
+                 "attend_heads": args.attend_heads, "attend_at": args.attend_at}
     if args.followups < 0:
         raise ValueError(f"--followups must be >= 0, got {args.followups}")
     cfg = replace(cfg, mix=args.mix, per_answer_loss=not args.token_mean_loss, followups=args.followups,
@@ -101,13 +101,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                             "rows or each row's tokens reversed during the main phase (neighbours stay "
                             "neighbours; positions must be read from content; default 0)")
     build.add_argument("--attend-weight", type=float, default=None, metavar="W",
-                       help="weight of the attention-focus loss: where a question names a color or shape, the "
-                            "position predicting the answer is taught to attend to those objects' image tokens "
+                       help="weight of the attention-focus loss: where a question names a color or shape, one "
+                            "position of the question is taught to attend to those objects' image tokens "
                             "(default 0: off)")
     build.add_argument("--attend-layer", type=int, default=None,
-                       help="decoder layer the attention-focus loss supervises (default 8)")
+                       help="decoder layer the attention-focus loss supervises (default 4)")
     build.add_argument("--attend-heads", type=int, default=None,
                        help="how many of that layer's heads it supervises, from head 0 (default 1)")
+    build.add_argument("--attend-at", choices=("name", "answer"), default=None,
+                       help="the position it supervises: the last token naming the objects, or the one that "
+                            "predicts the answer (default name)")
     build.set_defaults(run=_build)
 
     data = sub.add_parser("data", help="write a suite: DIR/suite.jsonl plus images")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,16 +91,23 @@ def image_questions(image: Rendered, rng: random.Random, skip: str = "") -> list
     return [(rng.choice(phrasings), answer) for phrasings, answer in asked if skip not in phrasings]
 
 
-def question_focus(question: str) -> set[int]:
-    """The patch classes (`render` kind labels) of what a question about a scene or chart is about: every
-    object of the one color and/or the one shape it names (a chart bar is drawn as a square). Empty when it
-    names no color or shape, or several."""
-    words = [w.strip("?.,!").lower() for w in question.split()]
-    colors = {w for w in words if w in COLORS}
-    shapes = {w.removesuffix("s") for w in words if w.removesuffix("s") in SHAPES}
+def question_focus(question: str) -> tuple[set[int], int]:
+    """The patch classes (`render` kind labels) of what a question about a scene or chart is about, every object
+    of the one color and/or the one shape it names (a chart bar is drawn as a square), and the index in
+    `question` just past the last word that names them. Empty and 0 when it names no color or shape, or several."""
+    colors, shapes, end = set(), set(), 0
+    for word in re.finditer(r"[a-z]+", question.lower()):
+        name, shape = word.group(), word.group().removesuffix("s")
+        if name in COLORS:
+            colors.add(name)
+        elif shape in SHAPES:
+            shapes.add(shape)
+        else:
+            continue
+        end = word.end()
     if len(colors) > 1 or len(shapes) > 1 or not (colors or shapes):
-        return set()
-    return {render.object_class(c, s) for c in (colors or COLORS) for s in (shapes or SHAPES)}
+        return set(), 0
+    return {render.object_class(c, s) for c in (colors or COLORS) for s in (shapes or SHAPES)}, end
 
 
 def gen_vqa(rng: random.Random) -> Sample:

@@ -10,9 +10,10 @@ model from going image-blind; neither is saved, the result is a standard `LlavaF
   object a patch belongs to: its cell, its count, its word, its bar value), standing in for vision pretraining.
 
 Optionally (`attend_weight` > 0) a third: where a question names the objects it is about (`data.question_focus`),
-the position that predicts the answer's first token is taught, in a few heads of one decoder layer, to attend to
-those objects' image tokens: -log of the attention mass on them. The lookup "which patches does the question
-mean" is what the language model otherwise has to discover on its own.
+one position of the question turn is taught, in a few heads of one decoder layer, to attend to those objects'
+image tokens: -log of the attention mass on them. `attend_at` picks the position: "name", the last token of the
+last word naming them, or "answer", the position that predicts the answer's first token. The lookup "which
+patches does the question mean" is what the language model otherwise has to discover on its own.
 
 Batches are right-padded with no attention mask (causal attention never lets a real token see the padding
 after it) and grouped by length within pools of `POOL` batches.
@@ -66,8 +67,9 @@ class TrainConfig:
     shuffle_image_tokens: float = 0.0  # main phase: chance that an image's tokens reach the LM in a random order
     mirror_image_tokens: float = 0.0  # main phase: chance, per axis, that an image's token grid is fed reversed
     attend_weight: float = 0.0  # weight of the attention-focus loss (0: off)
-    attend_layer: int = 8  # decoder layer whose first `attend_heads` heads it supervises
+    attend_layer: int = 4  # decoder layer whose first `attend_heads` heads it supervises
     attend_heads: int = 1
+    attend_at: str = "name"  # the supervised query: "name" (the naming word's last token) or "answer" (see above)
 
 
 def pixels(image) -> np.ndarray:
@@ -89,8 +91,9 @@ class Encoded:
     pixels: list[np.ndarray]  # [H, W, 3] uint8 per image, in order of appearance
     aux: dict[str, list[np.ndarray]]  # AUX_TASKS name -> [GRID * GRID] labels per image (-100: not applicable)
     # per question about named objects of a one-image sample: (position predicting the answer's first token,
-    # position of the first image token, [GRID * GRID] bool: the patches of those objects)
-    focus: list[tuple[int, int, np.ndarray]]
+    # position of the last token naming them, position of the first image token, [GRID * GRID] bool: the patches
+    # of those objects)
+    focus: list[tuple[int, int, int, np.ndarray]]
 
 
 def encode(sample: Sample, tokenizer, n_image_tokens: int) -> Encoded:
@@ -107,13 +110,17 @@ def encode(sample: Sample, tokenizer, n_image_tokens: int) -> Encoded:
         if not text.startswith(rendered):
             raise ValueError("the chat template does not extend a conversation by appending to it")
         piece = text[len(rendered):].replace(IMAGE_TOKEN, IMAGE_TOKEN * n_image_tokens)
-        prompt_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        encoded = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+        prompt_ids = encoded["input_ids"]
         answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        patches = np.isin(kinds, list(question_focus(question))) if kinds is not None else None
-        input_ids += prompt_ids
+        classes, end = question_focus(question)
+        patches = np.isin(kinds, list(classes)) if kinds is not None else None
         if patches is not None and patches.any():
-            focus.append((len(input_ids) - 1, input_ids.index(image_id), patches))
-        input_ids += answer_ids
+            last_char = piece.rindex(question) + end - 1
+            name = next(i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a <= last_char < b)
+            focus.append((len(input_ids) + len(prompt_ids) - 1, len(input_ids) + name,
+                          (input_ids + prompt_ids).index(image_id), patches))
+        input_ids += prompt_ids + answer_ids
         labels += [-100] * len(prompt_ids) + answer_ids
         messages = [*messages, {"role": "assistant", "content": answer}]
         rendered = text + " " + answer + tokenizer.eos_token
@@ -190,11 +197,12 @@ def collate(items: list[Encoded], pad_id: int) -> dict:
         labels[i, : len(e.labels)] = torch.tensor(e.labels)
     out = {"input_ids": ids, "labels": labels, "pixel_values": None, "aux": None, "focus": None}
     firsts = np.cumsum([0] + [len(e.pixels) for e in items])  # index of each item's first image in the batch
-    entries = [(i, query, start, firsts[i], patches) for i, e in enumerate(items) for query, start, patches in e.focus]
+    entries = [(i, *entry[:3], firsts[i], entry[3]) for i, e in enumerate(items) for entry in e.focus]
     if entries:
-        row, query, start, image, patches = zip(*entries)
-        out["focus"] = {"row": torch.tensor(row), "query": torch.tensor(query), "start": torch.tensor(start),
-                        "image": torch.tensor(np.array(image)), "patches": torch.from_numpy(np.stack(patches))}
+        row, answer, name, start, image, patches = zip(*entries)
+        out["focus"] = {"row": torch.tensor(row), "answer": torch.tensor(answer), "name": torch.tensor(name),
+                        "start": torch.tensor(start), "image": torch.tensor(np.array(image)),
+                        "patches": torch.from_numpy(np.stack(patches))}
     if any(e.pixels for e in items):
         out["pixel_values"] = torch.from_numpy(np.stack([p for e in items for p in e.pixels]))  # uint8 [N, H, W, 3]
         out["aux"] = {task: torch.from_numpy(np.stack([p for e in items for p in e.aux[task]]))
@@ -213,10 +221,11 @@ def to_device(batch: dict, device: str) -> dict:
 
 
 def losses(model, aux_head, batch: dict, per_answer: bool = True, orders: torch.Tensor | None = None,
-           attend: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+           attend: tuple[int, int, str] | None = None) -> dict[str, torch.Tensor]:
     """Answer cross-entropy, per-patch auxiliary cross-entropy and the image-scale penalty. `orders`
     [n_images, 64], if given, is the order in which each image's tokens reach the language model. `attend`
-    (layer, heads) adds the attention-focus loss of those heads when the batch has focus entries."""
+    (layer, heads, "name" or "answer") adds the attention-focus loss of those heads at those positions when the
+    batch has focus entries."""
     captured = {}
 
     def capture_attention_input(module, args, kwargs):
@@ -252,17 +261,18 @@ def losses(model, aux_head, batch: dict, per_answer: bool = True, orders: torch.
     if batch["pixel_values"] is not None:
         result.update(image_losses(model, aux_head, captured["feats"], batch["aux"]))
     if focus is not None:
-        result["attend"] = attention_focus_loss(*captured["attention"], focus, attend[1], orders)
+        result["attend"] = attention_focus_loss(*captured["attention"], focus, attend[1], attend[2], orders)
     return result
 
 
 def attention_focus_loss(attention, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                         focus: dict[str, torch.Tensor], heads: int,
+                         focus: dict[str, torch.Tensor], heads: int, at: str = "name",
                          orders: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over focus entries and the first `heads` heads of -log(attention mass on the focus patches), for the
-    attention module `attention` given its input `hidden` [B, T, D] and rotary (cos, sin): the same attention
-    weights the model computes, recomputed for the supervised query positions only."""
-    rows, query = focus["row"], focus["query"]
+    """Mean over focus entries and the first `heads` heads of -log(attention mass on the focus patches) at the
+    `at` ("name" or "answer") query positions, for the attention module `attention` given its input `hidden`
+    [B, T, D] and rotary (cos, sin): the same attention weights the model computes, recomputed for the supervised
+    query positions only."""
+    rows, query = focus["row"], focus[at]
     entries, length, dim = len(rows), hidden.shape[1], attention.head_dim
     h = hidden[rows]  # [M, T, D]
     cos, sin = (t.expand(hidden.shape[0], -1, -1)[rows].float() for t in position_embeddings)  # [M, T, dim]
@@ -404,9 +414,12 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
     cfg = train or TrainConfig()
     if steps is not None:
         cfg = TrainConfig(**{**asdict(cfg), "steps": steps})
-    if cfg.attend_weight < 0 or not 0 <= cfg.attend_layer < arch.num_layers or not 1 <= cfg.attend_heads <= arch.num_heads:
-        raise ValueError(f"attention focus: weight must be >= 0, layer in [0, {arch.num_layers}) and heads in "
-                         f"[1, {arch.num_heads}]; got {cfg.attend_weight}, {cfg.attend_layer}, {cfg.attend_heads}")
+    if cfg.attend_weight < 0 or cfg.attend_weight > 0 and (
+            not 0 <= cfg.attend_layer < arch.num_layers or not 1 <= cfg.attend_heads <= arch.num_heads
+            or cfg.attend_at not in ("name", "answer")):
+        raise ValueError(f"attention focus: weight must be >= 0, layer in [0, {arch.num_layers}), heads in "
+                         f"[1, {arch.num_heads}] and at 'name' or 'answer'; got {cfg.attend_weight}, "
+                         f"{cfg.attend_layer}, {cfg.attend_heads}, {cfg.attend_at!r}")
     out = _resolve_out(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -479,7 +492,7 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
                                         cfg.mirror_image_tokens)
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
                 parts = losses(model, aux_head, batch, cfg.per_answer_loss, orders,
-                               (cfg.attend_layer, cfg.attend_heads) if cfg.attend_weight > 0 else None)
+                               (cfg.attend_layer, cfg.attend_heads, cfg.attend_at) if cfg.attend_weight > 0 else None)
             loss = parts["lm"] + cfg.aux_weight * parts.get("aux", 0.0) + cfg.scale_weight * parts.get("scale", 0.0)
             loss = loss + cfg.attend_weight * parts.get("attend", 0.0)
             lm = parts["lm"].item()
