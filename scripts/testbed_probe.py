@@ -18,11 +18,12 @@ questions among the first N vqa samples, a linear classifier per layer is fitted
 last prompt token (70 % of the questions) and scored on the rest (30 %); printed per layer, embeddings first.
 
 `--focus-mass N` asks whether the language model looks at the object a question names: over the color, shape,
-count and position questions among the first N vqa samples, the attention mass that the last prompt token puts
-on the patches of the named objects (`data.question_focus`), per layer for the head that puts most there on
-average, next to the named patches' share of the prompt (what uniform attention gives); and, over the questions
-whose scene also shows other objects, the share of that head's mass on objects that goes to the named ones, next
-to the named ones' share of the object patches (what a head that finds objects but not the named one gives).
+count and position questions among the first N vqa samples, the attention mass that the naming word's last token
+(`name`) and the last prompt token (`answer`) put on the patches of the named objects (`data.question_focus`),
+per layer for the head that puts most there on average, next to the named patches' share of the prompt (what
+uniform attention gives); and, over the questions whose scene also shows other objects, the share of that head's
+mass on objects that goes to the named ones, next to the named ones' share of the object patches
+(`objects_share`: what a head that finds objects but not the named one gives).
 
 docs/testbed.md ("How the shipped model was made", "Measured") quotes this script's output. A finished model
 folder without a checkpoint gets no auxiliary-head part.
@@ -40,10 +41,11 @@ import torch
 import torch.nn.functional as F
 
 from vlmspec.testbed import render
-from vlmspec.testbed.data import EVAL_SEED_START, make_sample, question_focus, write_suite
+from vlmspec.testbed.data import EVAL_SEED_START, make_sample, write_suite
 from vlmspec.testbed.evaluate import evaluate_records, generate, load, prompt_inputs, read_suite
 from vlmspec.testbed.model import ArchConfig
-from vlmspec.testbed.train import CHECKPOINT, export_checkpoint, image_features, make_aux_head, vision_batch
+from vlmspec.testbed.train import (CHECKPOINT, encode, export_checkpoint, image_features, make_aux_head,
+                                   vision_batch)
 
 PROBE_SEED = EVAL_SEED_START - 10  # a training-range seed, never used by the training streams' own draws
 
@@ -137,35 +139,37 @@ def residual_probe(model, processor, n: int) -> dict[str, dict]:
 
 @torch.no_grad()
 def focus_mass(model, processor, n: int) -> dict[str, dict]:
-    """Per vqa category: attention mass from the last prompt token on the named objects' patches (see above)."""
+    """Per vqa category and query position (the naming word's last token, the last prompt token): attention mass
+    on the named objects' patches (see above)."""
     model.set_attn_implementation("eager")
     masses: dict[str, list] = {}
     shares: dict[str, list] = {}
     for s in (make_sample("vqa", PROBE_SEED, i) for i in range(n)):
-        kinds = s.images[0].label_grid("kind").reshape(-1)
-        named = np.isin(kinds, list(question_focus(s.question)))
+        answer_at, name_at, start, named = encode(s, processor.tokenizer, render.GRID * render.GRID).focus[0]
         inputs = prompt_inputs(model, processor, [r.image for r in s.images], s.messages())
         ids = inputs["input_ids"][0]
-        start = int((ids == model.config.image_token_id).nonzero()[0])
+        if len(ids) != answer_at + 1:
+            raise RuntimeError("the evaluation prompt and the training encoding disagree")
         attentions = model(**inputs, output_attentions=True).attentions  # per layer [1, heads, T, T]
-        others = (kinds > 0) & ~named
-        both = torch.stack([torch.stack([a[0, :, -1, start + torch.from_numpy(np.flatnonzero(which))].float().sum(-1)
-                                         for a in attentions]) for which in (named, others)])
-        masses.setdefault(s.category, []).append(both)  # [named / others, layers, heads]
+        others = (s.images[0].label_grid("kind").reshape(-1) > 0) & ~named
+        keys = [start + torch.from_numpy(np.flatnonzero(which)) for which in (named, others)]
+        masses.setdefault(s.category, []).append(torch.stack([  # [name / answer, named / others, layers, heads]
+            torch.stack([torch.stack([a[0, :, query, k].float().sum(-1) for a in attentions]) for k in keys])
+            for query in (name_at, answer_at)]))
         shares.setdefault(s.category, []).append((named.sum() / len(ids), named.sum() / (named.sum() + others.sum())))
     model.set_attn_implementation("sdpa")
     report = {}
     for category, rows in masses.items():
-        both = torch.stack(rows)  # [questions, named / others, layers, heads]
-        best = both[:, 0].mean(0).argmax(1)[None, :, None].expand(len(rows), -1, 1)  # per layer, its best head
-        named, others = both[:, 0].gather(2, best)[..., 0], both[:, 1].gather(2, best)[..., 0]  # [questions, layers]
         crowded = torch.tensor([share < 1 for _, share in shares[category]])
-        picked = (named / (named + others).clamp(min=1e-9))[crowded].mean(0)
         report[category] = {"questions": len(rows), "uniform": round(float(np.mean([u for u, _ in shares[category]])), 3),
-                            "named": [round(float(m), 2) for m in named.mean(0)],
                             "with_others": int(crowded.sum()),
-                            "objects_share": round(float(np.mean([o for _, o in shares[category] if o < 1])), 2),
-                            "named_of_object_mass": [round(float(m), 2) for m in picked]}
+                            "objects_share": round(float(np.mean([o for _, o in shares[category] if o < 1])), 2)}
+        for where, both in zip(("name", "answer"), torch.stack(rows).unbind(1)):  # [questions, 2, layers, heads]
+            best = both[:, 0].mean(0).argmax(1)[None, :, None].expand(len(rows), -1, 1)  # per layer, its best head
+            named, others = both[:, 0].gather(2, best)[..., 0], both[:, 1].gather(2, best)[..., 0]  # [questions, layers]
+            picked = (named / (named + others).clamp(min=1e-9))[crowded].mean(0)
+            report[category][where] = {"named": [round(float(m), 2) for m in named.mean(0)],
+                                       "named_of_object_mass": [round(float(m), 2) for m in picked]}
     return report
 
 

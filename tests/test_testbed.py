@@ -162,7 +162,8 @@ def test_training_smoke_loss_falls_and_resume_is_exact(tmp_path):
 
     cfg = TrainConfig(steps=12, batch_size=4, warmup=2, lr=3e-3, checkpoint_every=5, threads=1, followups=2,
                       vision_steps=4, vision_batch_size=4, shuffle_image_tokens=0.5,
-                      mirror_image_tokens=0.5)
+                      mirror_image_tokens=0.5, attend_weight=0.5, attend_layer=1, deep_aux_weight=0.5,
+                      deep_aux_layer=1)
     full = build(tmp_path / "full", seed=3, arch=TINY, train=cfg, progress=False)
     build(tmp_path / "resumed", seed=3, arch=TINY, train=cfg, progress=False, stop_at=2)  # killed in vision
     killed = build(tmp_path / "resumed", seed=3, arch=TINY, train=cfg, progress=False, stop_at=7)  # and main
@@ -366,3 +367,25 @@ def test_attention_focus_loss_is_the_models_own_attention_on_the_named_patches(t
         loss.backward()
         opt.step()
     assert float(loss.detach()) < float(got)
+
+
+def test_deep_patch_loss_reads_the_image_tokens_states_at_its_layer(tokenizer):
+    from vlmspec.testbed.train import Batches, image_token_orders, losses, make_aux_head, patch_loss, to_device
+
+    torch.manual_seed(0)
+    model, head, deep = build_model(TINY, tokenizer), make_aux_head(TINY), make_aux_head(TINY)
+    batch = to_device(Batches(5, 4, tokenizer, render.GRID * render.GRID).get(0), "cpu")
+    n_images = batch["pixel_values"].shape[0]
+    orders = image_token_orders(n_images, 8, 0, 0, shuffle=1.0)
+    with torch.no_grad():
+        got = losses(model, head, batch, orders=orders, deep=(deep, 1))
+        hook = model.model.multi_modal_projector.register_forward_hook(
+            lambda m, i, out: torch.gather(out, 1, orders[..., None].expand_as(out)))
+        states = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                       output_hidden_states=True).hidden_states[1]
+        hook.remove()
+    image_states = states[batch["input_ids"] == model.config.image_token_id].view(n_images, 64, -1)
+    labels = {k: torch.gather(v, 1, orders) for k, v in batch["aux"].items()}  # slot j shows patch orders[j]
+    assert torch.allclose(got["deep"], patch_loss(deep, image_states, labels))
+    assert not torch.allclose(got["deep"], patch_loss(deep, image_states, batch["aux"]))
+    assert "deep" not in losses(model, head, batch)

@@ -22,7 +22,8 @@ def _build(args: argparse.Namespace) -> int:
                  "vision_steps": args.vision_steps, "vision_lr": args.vision_lr,
                  "shuffle_image_tokens": args.shuffle_image_tokens, "mirror_image_tokens": args.mirror_image_tokens,
                  "attend_weight": args.attend_weight, "attend_layer": args.attend_layer,
-                 "attend_heads": args.attend_heads, "attend_at": args.attend_at}
+                 "attend_heads": args.attend_heads, "attend_at": args.attend_at,
+                 "deep_aux_weight": args.deep_aux_weight, "deep_aux_layer": args.deep_aux_layer}
     if args.followups < 0:
         raise ValueError(f"--followups must be >= 0, got {args.followups}")
     cfg = replace(cfg, mix=args.mix, per_answer_loss=not args.token_mean_loss, followups=args.followups,
@@ -111,6 +112,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     build.add_argument("--attend-at", choices=("name", "answer"), default=None,
                        help="the position it supervises: the last token naming the objects, or the one that "
                             "predicts the answer (default name)")
+    build.add_argument("--deep-aux-weight", type=float, default=None, metavar="W",
+                       help="weight of a second patch classifier on the language model's image-token states, "
+                            "which keeps the patch facts on them up to --deep-aux-layer (default 0: off)")
+    build.add_argument("--deep-aux-layer", type=int, default=None,
+                       help="decoder layer at whose input that classifier reads (default 2)")
     build.set_defaults(run=_build)
 
     data = sub.add_parser("data", help="write a suite: DIR/suite.jsonl plus images")

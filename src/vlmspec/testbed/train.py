@@ -15,6 +15,11 @@ image tokens: -log of the attention mass on them. `attend_at` picks the position
 last word naming them, or "answer", the position that predicts the answer's first token. The lookup "which
 patches does the question mean" is what the language model otherwise has to discover on its own.
 
+And optionally (`deep_aux_weight` > 0) a second throwaway patch classifier on the language model's own residual
+stream at the image tokens, at the input of decoder layer `deep_aux_layer`, trained on the same labels: the
+facts must still be on the image tokens where the lookup happens (from scratch, the first decoder layer can write
+over them; docs/testbed.md "Measured").
+
 Batches are right-padded with no attention mask (causal attention never lets a real token see the padding
 after it) and grouped by length within pools of `POOL` batches.
 """
@@ -70,6 +75,8 @@ class TrainConfig:
     attend_layer: int = 4  # decoder layer whose first `attend_heads` heads it supervises
     attend_heads: int = 1
     attend_at: str = "name"  # the supervised query: "name" (the naming word's last token) or "answer" (see above)
+    deep_aux_weight: float = 0.0  # weight of the patch loss on the LM's image-token states (0: off)
+    deep_aux_layer: int = 2  # ... at the input of this decoder layer
 
 
 def pixels(image) -> np.ndarray:
@@ -221,11 +228,13 @@ def to_device(batch: dict, device: str) -> dict:
 
 
 def losses(model, aux_head, batch: dict, per_answer: bool = True, orders: torch.Tensor | None = None,
-           attend: tuple[int, int, str] | None = None) -> dict[str, torch.Tensor]:
+           attend: tuple[int, int, str] | None = None,
+           deep: tuple[torch.nn.Module, int] | None = None) -> dict[str, torch.Tensor]:
     """Answer cross-entropy, per-patch auxiliary cross-entropy and the image-scale penalty. `orders`
     [n_images, 64], if given, is the order in which each image's tokens reach the language model. `attend`
     (layer, heads, "name" or "answer") adds the attention-focus loss of those heads at those positions when the
-    batch has focus entries."""
+    batch has focus entries. `deep` (head, layer) adds that patch classifier's loss on the image tokens' states at
+    the input of that decoder layer."""
     captured = {}
 
     def capture_attention_input(module, args, kwargs):
@@ -243,7 +252,8 @@ def losses(model, aux_head, batch: dict, per_answer: bool = True, orders: torch.
         attention = model.model.language_model.layers[attend[0]].self_attn
         hooks.append(attention.register_forward_pre_hook(capture_attention_input, with_kwargs=True))
     try:
-        out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], use_cache=False)
+        out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], use_cache=False,
+                    output_hidden_states=deep is not None)
     finally:
         for hook in hooks:
             hook.remove()
@@ -260,6 +270,12 @@ def losses(model, aux_head, batch: dict, per_answer: bool = True, orders: torch.
     result = {"lm": lm}
     if batch["pixel_values"] is not None:
         result.update(image_losses(model, aux_head, captured["feats"], batch["aux"]))
+        if deep is not None:
+            states = out.hidden_states[deep[1]][batch["input_ids"] == model.config.image_token_id]
+            labels = batch["aux"]
+            if orders is not None:  # the token at image slot j shows patch orders[j]
+                labels = {k: torch.gather(v, 1, orders.to(v.device)) for k, v in labels.items()}
+            result["deep"] = patch_loss(deep[0], states.view(*labels["kind"].shape, -1), labels)
     if focus is not None:
         result["attend"] = attention_focus_loss(*captured["attention"], focus, attend[1], attend[2], orders)
     return result
@@ -318,12 +334,17 @@ def image_losses(model, aux_head, feats: torch.Tensor, labels: dict[str, torch.T
     """Per-patch auxiliary cross-entropy (summed over tasks) and the image-scale penalty of projector outputs
     `feats` [n_images, 64, hidden]."""
     feats = feats.float()
-    aux_logits = aux_head(feats).split(list(render.AUX_TASKS.values()), dim=-1)  # [n_images, 64, classes] each
-    aux = sum(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[task].reshape(-1), ignore_index=-100)
-              for task, logits in zip(render.AUX_TASKS, aux_logits) if (labels[task] >= 0).any())
     text_rms = model.get_input_embeddings().weight.float().pow(2).mean().sqrt().detach()
     image_rms = feats.pow(2).mean().sqrt()
-    return {"aux": aux, "scale": (image_rms.log() - text_rms.log()) ** 2}
+    return {"aux": patch_loss(aux_head, feats, labels), "scale": (image_rms.log() - text_rms.log()) ** 2}
+
+
+def patch_loss(head, states: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of a patch classifier on image-token states [n_images, 64, width], summed over the
+    `render.AUX_TASKS` tasks that have labels."""
+    task_logits = head(states.float()).split(list(render.AUX_TASKS.values()), dim=-1)  # [n_images, 64, classes]
+    return sum(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[task].reshape(-1), ignore_index=-100)
+               for task, logits in zip(render.AUX_TASKS, task_logits) if (labels[task] >= 0).any())
 
 
 def vision_batch(seed: int, step: int, batch_size: int, mix: str) -> dict:
@@ -420,6 +441,9 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
         raise ValueError(f"attention focus: weight must be >= 0, layer in [0, {arch.num_layers}), heads in "
                          f"[1, {arch.num_heads}] and at 'name' or 'answer'; got {cfg.attend_weight}, "
                          f"{cfg.attend_layer}, {cfg.attend_heads}, {cfg.attend_at!r}")
+    if cfg.deep_aux_weight < 0 or cfg.deep_aux_weight > 0 and not 1 <= cfg.deep_aux_layer < arch.num_layers:
+        raise ValueError(f"deep patch loss: weight must be >= 0 and layer in [1, {arch.num_layers}); got "
+                         f"{cfg.deep_aux_weight}, {cfg.deep_aux_layer}")
     out = _resolve_out(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
@@ -437,7 +461,9 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
         model.load_state_dict(start.state_dict())
     model = model.to(device)
     aux_head = make_aux_head(arch).to(device)
+    deep_head = make_aux_head(arch).to(device) if cfg.deep_aux_weight > 0 else None
     params = list(model.parameters()) + list(aux_head.parameters())
+    params += list(deep_head.parameters()) if deep_head is not None else []
     vision_params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
                      *aux_head.parameters()]
 
@@ -457,6 +483,8 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
             raise ValueError(f"{ckpt_path} was written by an older recipe (no vision phase); use a new --out")
         model.load_state_dict(state["model"])
         aux_head.load_state_dict(state["aux_head"])
+        if deep_head is not None:
+            deep_head.load_state_dict(state["deep_head"])
         optimizer.load_state_dict(state["optimizer"])
         vision_optimizer.load_state_dict(state["vision_optimizer"])
         torch.set_rng_state(state["torch_rng"].cpu())
@@ -466,6 +494,7 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
 
     def save_checkpoint() -> None:
         _atomic_save({"model": model.state_dict(), "aux_head": aux_head.state_dict(),
+                      "deep_head": deep_head.state_dict() if deep_head is not None else None,
                       "optimizer": optimizer.state_dict(), "vision_optimizer": vision_optimizer.state_dict(),
                       "torch_rng": torch.get_rng_state(), "step": step,
                       "seed": seed, "arch": asdict(arch), "train": asdict(cfg)}, ckpt_path)
@@ -492,9 +521,10 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
                                         cfg.mirror_image_tokens)
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
                 parts = losses(model, aux_head, batch, cfg.per_answer_loss, orders,
-                               (cfg.attend_layer, cfg.attend_heads, cfg.attend_at) if cfg.attend_weight > 0 else None)
+                               (cfg.attend_layer, cfg.attend_heads, cfg.attend_at) if cfg.attend_weight > 0 else None,
+                               (deep_head, cfg.deep_aux_layer) if deep_head is not None else None)
             loss = parts["lm"] + cfg.aux_weight * parts.get("aux", 0.0) + cfg.scale_weight * parts.get("scale", 0.0)
-            loss = loss + cfg.attend_weight * parts.get("attend", 0.0)
+            loss = loss + cfg.attend_weight * parts.get("attend", 0.0) + cfg.deep_aux_weight * parts.get("deep", 0.0)
             lm = parts["lm"].item()
             ema = lm if ema is None else 0.95 * ema + 0.05 * lm
         for group in opt.param_groups:
