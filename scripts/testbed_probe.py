@@ -17,6 +17,11 @@ the sequence, not from its content.
 questions among the first N vqa samples, a linear classifier per layer is fitted on the residual stream at the
 last prompt token (70 % of the questions) and scored on the rest (30 %); printed per layer, embeddings first.
 
+`--patch-probe N` asks whether the facts stay on the image tokens inside the language model: over the object
+patches of the first N vqa samples' images, a linear classifier of the object's color and one of its shape per
+decoder layer's input (the embeddings first), fitted on 70 % of the patches and scored on the rest; with the rms
+of image and of text tokens there.
+
 `--focus-mass N` asks whether the language model looks at the object a question names: over the color, shape,
 count and position questions among the first N vqa samples, the attention mass that the naming word's last token
 (`name`) and the last prompt token (`answer`) put on the patches of the named objects (`data.question_focus`),
@@ -118,23 +123,47 @@ def residual_probe(model, processor, n: int) -> dict[str, dict]:
         x_all, names = torch.stack(rows), sorted(set(answers[category]))
         y = torch.tensor([names.index(a) for a in answers[category]])
         cut = int(0.7 * len(y))
-        accuracy = []
-        for layer in range(x_all.shape[1]):
-            x = x_all[:, layer]
-            x = (x - x[:cut].mean(0)) / (x[:cut].std(0) + 1e-6)
-            with torch.enable_grad():
-                weight = torch.zeros(x.shape[1], len(names), requires_grad=True)
-                bias = torch.zeros(len(names), requires_grad=True)
-                opt = torch.optim.Adam([weight, bias], lr=0.01)
-                for _ in range(300):
-                    opt.zero_grad()
-                    loss = F.cross_entropy(x[:cut] @ weight + bias, y[:cut]) + 1e-3 * weight.pow(2).sum()
-                    loss.backward()
-                    opt.step()
-            accuracy.append(round(float(((x[cut:] @ weight + bias).argmax(1) == y[cut:]).float().mean()), 2))
         report[category] = {"questions": len(y), "held_out": len(y) - cut, "classes": len(names),
-                            "accuracy_by_layer": accuracy}
+                            "accuracy_by_layer": [linear_probe(x_all[:, layer], y) for layer in range(x_all.shape[1])]}
     return report
+
+
+def linear_probe(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Accuracy on the last 30 % of rows of a linear classifier of y from x fitted on the first 70 %."""
+    cut = int(0.7 * len(y))
+    x = (x - x[:cut].mean(0)) / (x[:cut].std(0) + 1e-6)
+    with torch.enable_grad():
+        weight = torch.zeros(x.shape[1], int(y.max()) + 1, requires_grad=True)
+        bias = torch.zeros(int(y.max()) + 1, requires_grad=True)
+        opt = torch.optim.Adam([weight, bias], lr=0.01)
+        for _ in range(300):
+            opt.zero_grad()
+            loss = F.cross_entropy(x[:cut] @ weight + bias, y[:cut]) + 1e-3 * weight.pow(2).sum()
+            loss.backward()
+            opt.step()
+    return round(float(((x[cut:] @ weight + bias).argmax(1) == y[cut:]).float().mean()), 2)
+
+
+@torch.no_grad()
+def patch_probe(model, processor, n: int) -> dict[str, list]:
+    """Per decoder layer's input (the embeddings first): held-out accuracy of linear classifiers of the color and
+    the shape of the object on an image token, and the rms of image and of text tokens (see above)."""
+    states, kinds, scale = [], [], []
+    for s in (make_sample("vqa", PROBE_SEED, i) for i in range(n)):
+        inputs = prompt_inputs(model, processor, [r.image for r in s.images], s.messages())
+        hidden = torch.stack(model(**inputs, output_hidden_states=True).hidden_states[:-1])[:, 0].float()
+        image = inputs["input_ids"][0] == model.config.image_token_id
+        labels = torch.from_numpy(s.images[0].label_grid("kind").reshape(-1))
+        on_object = (labels > 0) & (labels <= render.N_OBJECT_CLASSES)
+        states.append(hidden[:, image][:, on_object])  # [layers, object patches, width]
+        kinds.append(labels[on_object] - 1)
+        scale.append(torch.stack([hidden[:, image].pow(2).mean((1, 2)), hidden[:, ~image].pow(2).mean((1, 2))]))
+    x, kind = torch.cat(states, 1), torch.cat(kinds)
+    color, shape = kind // len(render.SHAPES), kind % len(render.SHAPES)
+    rms = torch.stack(scale).mean(0).sqrt()
+    return {"patches": len(kind), "color": [linear_probe(layer, color) for layer in x],
+            "shape": [linear_probe(layer, shape) for layer in x],
+            "image_rms": [round(float(v), 3) for v in rms[0]], "text_rms": [round(float(v), 3) for v in rms[1]]}
 
 
 @torch.no_grad()
@@ -183,6 +212,8 @@ def main() -> None:
                         help="also probe where positions are read from, on the first N vqa samples (see above)")
     parser.add_argument("--residual-probe", type=int, default=0, metavar="N",
                         help="also fit per-layer linear probes of the answer on the first N vqa samples (see above)")
+    parser.add_argument("--patch-probe", type=int, default=0, metavar="N",
+                        help="also probe color and shape on the image tokens per layer, over N vqa samples (see above)")
     parser.add_argument("--focus-mass", type=int, default=0, metavar="N",
                         help="also measure attention on the named objects over the first N vqa samples (see above)")
     args = parser.parse_args()
@@ -204,6 +235,8 @@ def main() -> None:
             report["position_order"] = position_order(model, processor, args.position_order)
         if args.residual_probe:
             report["residual_probe"] = residual_probe(model, processor, args.residual_probe)
+        if args.patch_probe:
+            report["patch_probe"] = patch_probe(model.float(), processor, args.patch_probe)
         if args.focus_mass:
             report["focus_mass"] = focus_mass(model, processor, args.focus_mass)
         if state is not None:

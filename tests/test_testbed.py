@@ -245,6 +245,12 @@ def test_cli_data_and_errors(tmp_path, capsys):
     assert "unknown suite" in capsys.readouterr().err
     assert main(["testbed", "build", "--out", str(tmp_path / "run"), "--mirror-image-tokens", "1.5"]) == 2
     assert "--mirror-image-tokens is a probability" in capsys.readouterr().err
+    run = ["testbed", "build", "--out", str(tmp_path / "run")]
+    assert main([*run, "--attend-weight", "0.5", "--attend-layer", "16"]) == 2
+    assert "attention focus" in capsys.readouterr().err
+    assert main([*run, "--deep-aux-weight", "0.5", "--deep-aux-layer", "0"]) == 2
+    assert "deep patch loss" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
     for sub in ("build", "data", "eval"):
         with pytest.raises(SystemExit) as exit_info:
             main(["testbed", sub, "--help"])
