@@ -156,6 +156,8 @@ def test_training_pixels_match_processor(tokenizer):
 
 
 def test_training_smoke_loss_falls_and_resume_is_exact(tmp_path):
+    from dataclasses import replace
+
     from safetensors.torch import load_file
 
     from vlmspec.testbed.train import CHECKPOINT, TrainConfig, build
@@ -175,6 +177,8 @@ def test_training_smoke_loss_falls_and_resume_is_exact(tmp_path):
     initial = build_model(TINY, train_tokenizer(TINY.vocab_size, corpus())).state_dict()
     changed = {k.split(".")[1] for k in initial if not torch.equal(initial[k], trained[k])}
     assert changed == {"vision_tower", "multi_modal_projector"}  # vision pretraining leaves the LM alone
+    with pytest.raises(ValueError, match="deep patch loss"):
+        build(tmp_path / "resumed", seed=3, arch=TINY, train=replace(cfg, deep_aux_weight=0.0), progress=False)
     build(tmp_path / "resumed", seed=3, arch=TINY, train=cfg, progress=False)
     a, b = load_file(full / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -116,7 +116,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="weight of a second patch classifier on the language model's image-token states, "
                             "which keeps the patch facts on them up to --deep-aux-layer (default 0: off)")
     build.add_argument("--deep-aux-layer", type=int, default=None,
-                       help="decoder layer at whose input that classifier reads (default 2)")
+                       help="decoder layer at whose input that classifier reads (default 8)")
     build.set_defaults(run=_build)
 
     data = sub.add_parser("data", help="write a suite: DIR/suite.jsonl plus images")

@@ -76,7 +76,7 @@ class TrainConfig:
     attend_heads: int = 1
     attend_at: str = "name"  # the supervised query: "name" (the naming word's last token) or "answer" (see above)
     deep_aux_weight: float = 0.0  # weight of the patch loss on the LM's image-token states (0: off)
-    deep_aux_layer: int = 2  # ... at the input of this decoder layer
+    deep_aux_layer: int = 8  # ... at the input of this decoder layer
 
 
 def pixels(image) -> np.ndarray:
@@ -481,6 +481,9 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
             raise ValueError(f"{ckpt_path} was written by another seed/architecture; use a new --out")
         if "vision_optimizer" not in state:
             raise ValueError(f"{ckpt_path} was written by an older recipe (no vision phase); use a new --out")
+        if (state.get("deep_head") is None) != (deep_head is None):
+            raise ValueError(f"{ckpt_path} was written {'without' if deep_head is not None else 'with'} the deep "
+                             "patch loss; resume with the same --deep-aux-weight setting or use a new --out")
         model.load_state_dict(state["model"])
         aux_head.load_state_dict(state["aux_head"])
         if deep_head is not None:
