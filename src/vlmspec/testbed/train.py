@@ -289,22 +289,20 @@ def attention_focus_loss(attention, hidden: torch.Tensor, position_embeddings: t
     [B, T, D] and rotary (cos, sin): the same attention weights the model computes, recomputed for the supervised
     query positions only."""
     rows, query = focus["row"], focus[at]
-    entries, length, dim = len(rows), hidden.shape[1], attention.head_dim
-    h = hidden[rows]  # [M, T, D]
-    cos, sin = (t.expand(hidden.shape[0], -1, -1)[rows].float() for t in position_embeddings)  # [M, T, dim]
-    picked = torch.arange(entries, device=h.device)
-    q = attention.q_proj(h[picked, query]).float().view(entries, -1, dim)[:, :heads]  # [M, heads, dim]
-    k = attention.k_proj(h).float().view(entries, length, -1, dim)
+    (batch, length, _), dim, device = hidden.shape, attention.head_dim, hidden.device
+    cos, sin = (t.expand(batch, -1, -1).float() for t in position_embeddings)  # [B, T, dim]
+    k = attention.k_proj(hidden).float().view(batch, length, -1, dim)  # once per sequence, not per question
+    k = (k * cos[:, :, None] + rotate_half(k) * sin[:, :, None])[rows]  # [M, T, kv heads, dim]
     k = k.repeat_interleave(attention.num_key_value_groups, dim=2)[:, :, :heads]  # [M, T, heads, dim]
-    q = q * cos[picked, query, None] + rotate_half(q) * sin[picked, query, None]
-    k = k * cos[:, :, None] + rotate_half(k) * sin[:, :, None]
+    q = attention.q_proj(hidden[rows, query]).float().view(len(rows), -1, dim)[:, :heads]  # [M, heads, dim]
+    q = q * cos[rows, query, None] + rotate_half(q) * sin[rows, query, None]
     logits = torch.einsum("mhd,mthd->mht", q, k) * attention.scaling  # [M, heads, T]
     patches = focus["patches"]
     if orders is not None:  # the token at image slot j shows patch orders[j]
         patches = torch.gather(patches, 1, orders.to(patches.device)[focus["image"]])
-    slots = focus["start"][:, None] + torch.arange(patches.shape[1], device=h.device)
-    target = torch.zeros(entries, length, dtype=torch.bool, device=h.device).scatter(1, slots, patches)
-    allowed = torch.arange(length, device=h.device) <= query[:, None]  # causal
+    slots = focus["start"][:, None] + torch.arange(patches.shape[1], device=device)
+    target = torch.zeros(len(rows), length, dtype=torch.bool, device=device).scatter(1, slots, patches)
+    allowed = torch.arange(length, device=device) <= query[:, None]  # causal
     on_target = logits.masked_fill(~target[:, None], float("-inf")).logsumexp(-1)
     return (logits.masked_fill(~allowed[:, None], float("-inf")).logsumexp(-1) - on_target).mean()
 
