@@ -106,6 +106,46 @@ def test_image_questions_are_answered_by_the_scene():
     chart = render.render_chart([("red", 3), ("green", 7)], random.Random(0))
     assert data.image_questions(chart, random.Random(0), skip="Which bar is the tallest?") == [
         ("What is the value of the red bar?", "3"), ("What is the value of the green bar?", "7")]
+    assert {a for q, a in qa.items() if q.startswith(("How many", "Count"))} == {"1", "2"}
+    multiple = dict(data.image_questions(render.render_scene(objs, random.Random(0)), random.Random(1),
+                                         counts="multiple"))
+    assert {q: a for q, a in multiple.items() if q.startswith(("How many", "Count"))} == counts  # only the pair
+    others = [sorted(a for q, a in d.items() if not q.startswith(("How many", "Count"))) for d in (qa, multiple)]
+    assert others[0] == others[1]  # the rest is asked alike (phrasings are drawn from the rng)
+    with pytest.raises(ValueError, match="counts"):
+        data.image_questions(render.render_scene(objs, random.Random(0)), random.Random(1), counts="some")
+
+
+def test_count_followups_multiple_drops_the_single_counts_only():
+    """With `multiple`, no follow-up asks the count of a kind held once, the first turn is unchanged, and the
+    follow-ups' count answers are no longer mostly `1` (with `all` they are)."""
+    def count_answers(option):
+        answers = []
+        for i in range(300):
+            a, b = data.training_sample(2, i, "short"), data.training_sample(2, i, "short", 4, option)
+            assert (a.question, a.answer) == (b.question, b.answer)
+            answers += [x for q, x in b.followups if q.startswith(("How many", "Count"))]
+        return answers
+
+    every, multiple = count_answers("all"), count_answers("multiple")
+    assert every.count("1") > len(every) / 2
+    assert multiple and "1" not in multiple
+
+
+def test_batches_from_worker_processes_equal_the_in_process_ones(tokenizer):
+    from vlmspec.testbed.train import Batches
+
+    stream = {"mix": "short", "followups": 2, "count_followups": "multiple"}
+    here = Batches(4, 2, tokenizer, render.GRID * render.GRID, **stream)
+    there = Batches(4, 2, tokenizer, render.GRID * render.GRID, workers=1, **stream)
+    try:
+        for step in (0, 1):
+            a, b = here.get(step), there.get(step)
+            assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    finally:
+        there.close()
+    other = Batches(4, 2, tokenizer, render.GRID * render.GRID, followups=2).get(0)  # count_followups="all"
+    assert not torch.equal(other["input_ids"], here.get(0)["input_ids"])
 
 
 def test_followup_turns_encode_as_the_chat_template_renders_them(tokenizer):

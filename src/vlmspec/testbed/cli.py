@@ -27,6 +27,7 @@ def _build(args: argparse.Namespace) -> int:
     if args.followups < 0:
         raise ValueError(f"--followups must be >= 0, got {args.followups}")
     cfg = replace(cfg, mix=args.mix, per_answer_loss=not args.token_mean_loss, followups=args.followups,
+                  count_followups=args.count_followups,
                   **{k: v for k, v in overrides.items() if v is not None})
     if cfg.batch_size < 1 or cfg.lr <= 0 or cfg.threads < 1 or cfg.vision_lr <= 0:
         raise ValueError("batch size, learning rates and threads must be positive")
@@ -94,6 +95,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     build.add_argument("--vision-lr", type=float, default=None, help="peak learning rate of vision pretraining")
     build.add_argument("--followups", type=int, default=0,
                        help="up to N more questions about the same scene or chart as further chat turns (default 0)")
+    build.add_argument("--count-followups", choices=("all", "multiple"), default="all",
+                       help="which count questions the follow-up turns may ask: all (default), or multiple, only of "
+                            "kinds the scene holds more than once (with all, most count answers are 1)")
     build.add_argument("--shuffle-image-tokens", type=float, default=None, metavar="P",
                        help="chance that an image's tokens reach the language model in a random order during "
                             "the main phase, so positions must be read from the tokens' content (default 0)")

@@ -70,13 +70,21 @@ COUNT_QUESTIONS = ("How many {c} {s} are there?", "Count the {c} {s}.")
 POSITION_QUESTIONS = ("Where is the {n}?", "Where is the {n} in the image?")
 
 
-def image_questions(image: Rendered, rng: random.Random, skip: str = "") -> list[tuple[str, str]]:
+COUNT_FOLLOWUPS = ("all", "multiple")
+
+
+def image_questions(image: Rendered, rng: random.Random, skip: str = "",
+                    counts: str = "all") -> list[tuple[str, str]]:
     """Every short question one scene or chart answers unambiguously, as (question, answer) pairs; a question
-    that any phrasing of equals `skip` is left out."""
+    that any phrasing of equals `skip` is left out. `counts="multiple"` asks the count only of kinds the scene
+    holds more than once (most scenes hold one of each kind, so "all" makes most count answers `1`)."""
+    if counts not in COUNT_FOLLOWUPS:
+        raise ValueError(f"counts must be one of {', '.join(COUNT_FOLLOWUPS)}, got {counts!r}")
     kinds = [(o.color, o.shape) for o in image.objects]
     shapes, colors = [o.shape for o in image.objects], [o.color for o in image.objects]
+    least = 2 if counts == "multiple" else 1
     asked = [([q.format(c=c, s=_plural(s, 2)) for q in COUNT_QUESTIONS], str(kinds.count((c, s))))
-             for c, s in dict.fromkeys(kinds)]
+             for c, s in dict.fromkeys(kinds) if kinds.count((c, s)) >= least]
     for o in image.objects:
         if kinds.count((o.color, o.shape)) == 1:
             asked.append(([q.format(n=o.name) for q in POSITION_QUESTIONS], o.position))
@@ -362,11 +370,13 @@ FOCUS_MIX: dict[str, float] = {
 MIXES = {"base": BASE_MIX, "short": SHORT_MIX, "focus": FOCUS_MIX}
 
 
-def training_sample(seed: int, index: int, mix: str = "base", followups: int = 0) -> Sample:
+def training_sample(seed: int, index: int, mix: str = "base", followups: int = 0,
+                    count_followups: str = "all") -> Sample:
     """Sample `index` of the training stream for a training seed (must be < EVAL_SEED_START).
 
     `followups` > 0 adds up to that many more short questions about a one-image sample's scene or chart as
-    further chat turns: more supervised answers per encoded image.
+    further chat turns: more supervised answers per encoded image; `count_followups` picks which count
+    questions they may be (`image_questions`' `counts`). The first turn does not depend on either.
     """
     if not 0 <= seed < EVAL_SEED_START:
         raise ValueError(f"training seeds are in [0, {EVAL_SEED_START}); got {seed}")
@@ -377,6 +387,6 @@ def training_sample(seed: int, index: int, mix: str = "base", followups: int = 0
     name = rng.choices(list(weights), weights=list(weights.values()))[0]
     sample = GENERATORS[name](rng)
     if followups > 0 and len(sample.images) == 1:
-        extra = image_questions(sample.images[0], rng, skip=sample.question)
+        extra = image_questions(sample.images[0], rng, skip=sample.question, counts=count_followups)
         sample.followups = rng.sample(extra, min(followups, len(extra)))
     return sample

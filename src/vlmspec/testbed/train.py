@@ -66,6 +66,7 @@ class TrainConfig:
     mix: str = "short"  # data.MIXES key
     per_answer_loss: bool = True  # mean per sequence then over sequences; False: mean over all answer tokens
     followups: int = 0  # extra question turns per one-image sample (data.training_sample)
+    count_followups: str = "all"  # which count questions those turns may ask (data.image_questions)
     vision_steps: int = 0  # vision pretraining steps (vision tower, projector, aux head on labelled images) first
     vision_batch_size: int = 64  # training samples per vision step (their images)
     vision_lr: float = 2e-3
@@ -138,12 +139,12 @@ def encode(sample: Sample, tokenizer, n_image_tokens: int) -> Encoded:
 _WORKER: dict = {}
 
 
-def _init_worker(seed: int, tokenizer, n_image: int, mix: str, followups: int) -> None:
-    _WORKER.update(seed=seed, tokenizer=tokenizer, n_image=n_image, mix=mix, followups=followups)
+def _init_worker(seed: int, tokenizer, n_image: int, stream: dict) -> None:
+    _WORKER.update(seed=seed, tokenizer=tokenizer, n_image=n_image, stream=stream)
 
 
 def _encode_index(index: int) -> Encoded:
-    sample = training_sample(_WORKER["seed"], index, _WORKER["mix"], _WORKER["followups"])
+    sample = training_sample(_WORKER["seed"], index, **_WORKER["stream"])
     return encode(sample, _WORKER["tokenizer"], _WORKER["n_image"])
 
 
@@ -151,20 +152,20 @@ class Batches:
     """Builds length-grouped batches for any step from the deterministic training stream.
 
     The batch at step t comes from pool t // POOL (POOL * batch_size consecutive stream samples, sorted by
-    length and cut into batches), slot t % POOL of a seeded shuffle of the pool's batches.
+    length and cut into batches), slot t % POOL of a seeded shuffle of the pool's batches. `stream` holds
+    `data.training_sample`'s options (mix, followups, count_followups).
     """
 
-    def __init__(self, seed: int, batch_size: int, tokenizer, n_image_tokens: int, workers: int = 0,
-                 mix: str = "short", followups: int = 0):
+    def __init__(self, seed: int, batch_size: int, tokenizer, n_image_tokens: int, workers: int = 0, **stream):
         self.seed, self.batch_size, self.tokenizer, self.n_image = seed, batch_size, tokenizer, n_image_tokens
-        self.mix, self.followups = mix, followups
+        self.stream = {"mix": "short", **stream}
         self._pool_id, self._pool = None, None
         self._procs, self._next = None, None
         if workers > 0:
             import multiprocessing as mp
 
             self._procs = mp.get_context("fork").Pool(workers, _init_worker,
-                                                       (seed, tokenizer, n_image_tokens, mix, followups))
+                                                       (seed, tokenizer, n_image_tokens, self.stream))
 
     def _indices(self, pool: int) -> range:
         start = pool * POOL * self.batch_size
@@ -176,7 +177,7 @@ class Batches:
             items = pending[1].get() if pending else self._procs.map(_encode_index, self._indices(pool), chunksize=8)
             self._next = (pool + 1, self._procs.map_async(_encode_index, self._indices(pool + 1), chunksize=8))
         else:
-            items = [encode(training_sample(self.seed, i, self.mix, self.followups), self.tokenizer, self.n_image)
+            items = [encode(training_sample(self.seed, i, **self.stream), self.tokenizer, self.n_image)
                      for i in self._indices(pool)]
         return sorted(items, key=lambda e: len(e.input_ids))  # stable: ties keep stream order
 
@@ -491,7 +492,8 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
         torch.set_rng_state(state["torch_rng"].cpu())
         step = state["step"]
     n_image = processor.image_processor.crop_size["height"] // render.PATCH
-    batches = Batches(seed, cfg.batch_size, tokenizer, n_image * n_image, workers, cfg.mix, cfg.followups)
+    batches = Batches(seed, cfg.batch_size, tokenizer, n_image * n_image, workers, mix=cfg.mix,
+                      followups=cfg.followups, count_followups=cfg.count_followups)
 
     def save_checkpoint() -> None:
         _atomic_save({"model": model.state_dict(), "aux_head": aux_head.state_dict(),
