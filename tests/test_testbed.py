@@ -315,7 +315,7 @@ shipped = pytest.mark.skipif(not (SHIPPED_DIR / "model.safetensors").is_file(), 
 @shipped
 def test_shipped_model_answers_evaluation_seeds():
     """A regression floor, not the issue's target: the first 20 evaluation-seed samples of vqa and ocr scored
-    0.65 and 1.00 when the weights shipped (docs/testbed.md); chance is about 0.2 and 0.025."""
+    0.70 and 1.00 when the weights shipped (docs/testbed.md); chance is about 0.2 and 0.025."""
     from vlmspec.testbed.evaluate import evaluate_records, load
 
     model, processor = load(shipped_path())
@@ -324,7 +324,7 @@ def test_shipped_model_answers_evaluation_seeds():
     assert config.image_seq_length >= 64
     assert sum(f.stat().st_size for f in SHIPPED_DIR.iterdir()) <= 60 * 2**20
     vocabulary = {*render.COLORS, *render.SHAPES, *render.POSITIONS, *"12345", *data.OCR_WORDS}
-    for name, floor in (("vqa", 0.5), ("ocr", 0.8)):
+    for name, floor in (("vqa", 0.6), ("ocr", 0.8)):
         seed = data.SUITE_DEFAULTS[name][1]
         records = []
         for i in range(20):
@@ -342,7 +342,6 @@ def test_shipped_path_error(monkeypatch, tmp_path):
     monkeypatch.setattr(testbed, "SHIPPED_DIR", tmp_path / "missing")
     with pytest.raises(ValueError, match="missing"):
         testbed.shipped_path()
-    assert np.isfinite(1.0)
 
 
 def test_question_focus_names_the_objects_a_question_is_about():
