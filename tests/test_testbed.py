@@ -219,6 +219,8 @@ def test_training_smoke_loss_falls_and_resume_is_exact(tmp_path):
     assert changed == {"vision_tower", "multi_modal_projector"}  # vision pretraining leaves the LM alone
     with pytest.raises(ValueError, match="deep patch loss"):
         build(tmp_path / "resumed", seed=3, arch=TINY, train=replace(cfg, deep_aux_weight=0.0), progress=False)
+    with pytest.raises(ValueError, match="count_followups='all'"):
+        build(tmp_path / "resumed", seed=3, arch=TINY, train=replace(cfg, count_followups="multiple"), progress=False)
     build(tmp_path / "resumed", seed=3, arch=TINY, train=cfg, progress=False)
     a, b = load_file(full / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

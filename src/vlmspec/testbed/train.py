@@ -80,6 +80,10 @@ class TrainConfig:
     deep_aux_layer: int = 8  # ... at the input of this decoder layer
 
 
+# TrainConfig fields a resumed run must keep: they decide which samples the steps read.
+RESUME_FIXED = ("batch_size", "mix", "followups", "count_followups", "vision_batch_size")
+
+
 def pixels(image) -> np.ndarray:
     """Raw RGB bytes [H, W, 3] uint8 of an IMAGE_SIZE-square image; `normalize` finishes the job."""
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
@@ -483,6 +487,11 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
         if (state.get("deep_head") is None) != (deep_head is None):
             raise ValueError(f"{ckpt_path} was written {'without' if deep_head is not None else 'with'} the deep "
                              "patch loss; resume with the same --deep-aux-weight setting or use a new --out")
+        stored = {**asdict(TrainConfig()), **state.get("train", {})}
+        changed = [f"{k}={stored[k]!r}" for k in RESUME_FIXED if stored[k] != getattr(cfg, k)]
+        if changed:
+            raise ValueError(f"{ckpt_path} was written with other data settings ({', '.join(changed)}); resume with "
+                             "the same settings or use a new --out")
         model.load_state_dict(state["model"])
         aux_head.load_state_dict(state["aux_head"])
         if deep_head is not None:
