@@ -73,6 +73,7 @@ def test_bench_writes_records_summary_report_and_plots(tiny, suite, tmp_path, br
             "machine"} <= set(summary)
     assert all(ROW_KEYS <= set(row) for row in summary["rows"])
     assert {"torch", "transformers", "vlmspec", "python"} <= set(summary["versions"])
+    assert isinstance(summary["machine"]["native_bf16"], bool) and "native bf16" in (out / "report.md").read_text()
     plain = [r for r in summary["rows"] if r["arm"] == "none"]
     assert all(r["tau"] == 1.0 and r["speedup"] == pytest.approx(1.0) for r in plain)
     assert summary["costs"]["tiny"]["seconds"]["1"] > 0

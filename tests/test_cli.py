@@ -110,6 +110,7 @@ def bad_inputs(llava_dir, images, text_dir, other_drafter):
         "negative top_k": (base + rgb + ["--prompt", "hi", "--top-k", "-1"], "top_k"),
         "zero max tokens": (base[:-1] + ["0"] + rgb + ["--prompt", "hi"], "max_new_tokens"),
         "bad tree": (base + rgb + ["--prompt", "hi", "--tree", "kind=bush"], "tree kind"),
+        "unknown dtype": (base + rgb + ["--prompt", "hi", "--dtype", "bf17"], "unknown dtype"),
         "missing target": (["generate", "--target", "/nonexistent", "--prompt", "hi"], "neither a model directory"),
     }
 

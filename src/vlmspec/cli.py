@@ -27,7 +27,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tree", default=None,
                         help="draft tree, e.g. kind=dynamic,depth=6,topk=8,total=32 (default: the drafter's "
                              "recommended tree, else kind=dynamic,depth=6,topk=8,total=32)")
-    parser.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the checkpoint's)")
+    parser.add_argument("--dtype", default="fast",
+                        help="fast (default: bf16 where the device computes bf16 natively, a GPU with bf16 or a CPU "
+                             "with AVX512-BF16 or AMX, else fp32), fp32, bf16, fp16, or checkpoint (its own dtype)")
 
 
 def generate_command(args: argparse.Namespace) -> int:

@@ -97,12 +97,15 @@ def run_demo(out: Path = Path("vlmspec-demo"), max_new_tokens: int = 96,
              write: Callable[[str], None] = lambda s: print(s, end="", flush=True)) -> Path:
     """Run the demo; returns the folder holding the bench report."""
     from vlmspec.bench.runner import BenchConfig, run_bench
+    from vlmspec.hardware import native_bf16
     from vlmspec.testbed import shipped_path
 
     shipped_path()                               # a clear ValueError when the testbed weights are missing
     out = Path(out)
     drafter, reason = choose_drafter(shipped_drafters(), shipped_summary())
     write(f"vlmspec demo: target testbed, drafter {drafter}: {reason}.\n")
+    write("dtype bf16: this CPU computes bf16 natively.\n" if native_bf16("cpu") else
+          "dtype fp32: this CPU has no native bf16 (no AVX512-BF16 or AMX), where bf16 runs emulated and slow.\n")
     report = out / "report"
     for name in BENCH_FILES:                     # a fresh small bench each time
         (report / name).unlink(missing_ok=True)
@@ -119,7 +122,7 @@ def run_demo(out: Path = Path("vlmspec-demo"), max_new_tokens: int = 96,
             write(piece)
 
     config = BenchConfig(target="testbed", drafters=("none", drafter), suite_files=(str(suite),),
-                         temperatures=(0.0,), max_new_tokens=max_new_tokens, dtype="bf16", out=str(report),
+                         temperatures=(0.0,), max_new_tokens=max_new_tokens, dtype="fast", out=str(report),
                          warmup=1, cost_repeats=3)
     run_bench(config, progress=False, on_text=on_text)
     summary = json.loads((report / "summary.json").read_text())

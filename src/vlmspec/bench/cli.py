@@ -65,7 +65,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         help="a suite JSONL file (repeatable)")
     parser.add_argument("--temperatures", default="0", help="comma-separated, e.g. 0,1 (0 = greedy)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="bf16", help="bf16 (default), fp16 or fp32")
+    parser.add_argument("--dtype", default="fast",
+                        help="fast (default: bf16 where --device computes bf16 natively, else fp32), bf16, fp16, "
+                             "fp32, or checkpoint (its own dtype)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--tree", default=None,
                         help="draft tree for every drafter arm, e.g. kind=dynamic,depth=6,topk=8,total=32 "

@@ -67,12 +67,13 @@ def costs_table(summary: dict) -> str:
 def render_markdown(summary: dict) -> str:
     config, target = summary["config"], summary["target"]
     versions, machine = summary["versions"], summary["machine"]
+    native = {True: ", native bf16", False: ", no native bf16", None: ""}[machine.get("native_bf16")]
     trees = ", ".join(f"{a['name']}: {_tree(a['tree'])}" for a in summary["arms"] if a["kind"] == "vlmspec"
                       and a["tree"])
     parts = [
         "# vlmspec bench report", "",
         f"Target `{target['name']}` ({target['architecture']}, {target['dtype']}) on {machine['device_name']} "
-        f"({machine['cpu_count']} CPUs, {machine['torch_threads']} torch threads); max new tokens "
+        f"({machine['cpu_count']} CPUs, {machine['torch_threads']} torch threads{native}); max new tokens "
         f"{config['max_new_tokens']}; temperatures {config['temperatures']}; warm-up {config['warmup']}; "
         f"seed {config['seed']}.",
         f"Trees: {trees or 'none'}.",

@@ -25,8 +25,10 @@ from vlmspec.bench import metrics
 from vlmspec.bench.peers import Peer, open_peer
 from vlmspec.bench.suites import SuiteSample, load_suites
 from vlmspec.engine import GenerationResult, Generator
+from vlmspec.hardware import native_bf16
 from vlmspec.runtime import open_drafter
 from vlmspec.target import Target
+from vlmspec.target.families import resolve_dtype
 from vlmspec.tree import TreeConfig
 from vlmspec.verify import SamplingConfig
 
@@ -46,7 +48,7 @@ class BenchConfig:
     suite_files: tuple[str, ...] = ()
     temperatures: tuple[float, ...] = (0.0,)
     max_new_tokens: int = 64
-    dtype: str | None = "bf16"
+    dtype: str | None = "fast"                  # resolved for `device` (vlmspec.hardware); None: the checkpoint's
     tree: str | None = None
     out: str = "bench-out"
     resume: bool = False
@@ -72,6 +74,7 @@ class BenchConfig:
             raise ValueError("warmup must be >= 0 and cost_repeats >= 1")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        resolve_dtype(self.dtype)                   # a bad name fails here, before any model loads
         if len(set(self.drafters)) != len(self.drafters) or len(set(self.peers)) != len(self.peers):
             raise ValueError("an arm is listed twice in --drafters or --peers")
         if self.tree:
@@ -116,7 +119,7 @@ class Arm:
 
 
 def open_target(config: BenchConfig) -> Target:
-    target = Target.from_pretrained(config.target, dtype=config.dtype)
+    target = Target.from_pretrained(config.target, dtype=resolve_dtype(config.dtype, config.device))
     if config.device != "cpu":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {config.device}: CUDA is not available in this torch build")
@@ -287,7 +290,7 @@ def environment(target: Target) -> dict[str, Any]:
                          "transformers": transformers.__version__},
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                        "device": str(device),
+                        "device": str(device), "native_bf16": native_bf16(device),
                         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                         "tf32": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None}}
 

@@ -88,7 +88,8 @@ class Target:
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str | Path, dtype: torch.dtype | str | None = None) -> "Target":
-        """Load a local checkpoint directory, or `testbed` (the shipped model). `dtype=None` keeps the checkpoint's."""
+        """Load a local checkpoint directory, or `testbed` (the shipped model). `dtype=None` keeps the checkpoint's;
+        `"fast"` is bf16 on a CPU that computes bf16 natively, else fp32 (`vlmspec.hardware`)."""
         from vlmspec.target.families import load_model_and_processor
 
         path = resolve_target_path(name_or_dir)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from vlmspec.hardware import fast_dtype
 from vlmspec.inputs import Messages
 
 if TYPE_CHECKING:
@@ -134,14 +135,20 @@ def load_model_and_processor(path: Path, dtype: torch.dtype | str | None):
     return model, family().load_processor(path)
 
 
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """None, a torch dtype, or a name: fp32/float32, bf16/bfloat16, fp16/float16."""
+def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device = "cpu") -> torch.dtype | None:
+    """None or `checkpoint` (the checkpoint's own dtype: None), a torch dtype, or a name: fp32/float32,
+    bf16/bfloat16, fp16/float16, or `fast` (bf16 where `device` computes bf16 natively, else fp32;
+    `vlmspec.hardware`)."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "checkpoint":
+        return None
+    if dtype == "fast":
+        return fast_dtype(device)
     names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
              "fp16": torch.float16, "float16": torch.float16}
     if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+        raise ValueError(f"unknown dtype {dtype!r}; use one of fast, checkpoint, {', '.join(names)}")
     return names[dtype]
 
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers.models.llama.modeling_llama import rotate_half
 
+from vlmspec.hardware import warn_if_emulated_bf16
 from vlmspec.testbed import SHIPPED_DIR, render
 from vlmspec.testbed.data import EVAL_SEED_START, Sample, question_focus, training_sample
 from vlmspec.testbed.model import IMAGE_TOKEN, ArchConfig, build_model, build_processor, corpus, train_tokenizer
@@ -450,6 +451,7 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
     out = _resolve_out(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
+    warn_if_emulated_bf16("vlmspec testbed build", device)
     started = time.monotonic()
 
     tokenizer = train_tokenizer(arch.vocab_size, corpus())

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from vlmspec.drafters.base import Drafter, build_drafter, save_drafter
+from vlmspec.hardware import warn_if_emulated_bf16
 from vlmspec.target import Target
 from vlmspec.train.data import BatchStream, CollectedData, Curriculum
 from vlmspec.train.losses import LossConfig
@@ -102,6 +103,8 @@ def train(target: Target, data_folders: Sequence[str | Path], out: str | Path, c
     warmup = config.warmup if config.warmup is not None else min(100, (config.steps or 1000) // 10)
     warmup = max(1, warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, config.steps))
+    if config.bf16:
+        warn_if_emulated_bf16("vlmspec train (--no-bf16 trains in fp32)")
     torch.manual_seed(config.seed)
     step = 0
     state_path = out / STATE_FILE
