@@ -71,7 +71,9 @@ case $1 in
     esac ;;
   tune)  # every trained drafter under each candidate tree, validation suites, T=0
     arms=none$(printf ",main/%s" $DRAFTERS),draft-model
-    for tree in kind=dynamic,depth=5,topk=4,total=16 kind=dynamic,depth=8,topk=6,total=24 \
+    # the narrow trees (first line) won on a 2-core AVX2 CPU in fp32 (docs/benchmarks.md); not yet tried with bf16
+    for tree in kind=chain,depth=5 kind=dynamic,depth=6,topk=2,total=10 kind=dynamic,depth=8,topk=2,total=12 \
+                kind=dynamic,depth=5,topk=4,total=16 kind=dynamic,depth=8,topk=6,total=24 \
                 kind=dynamic,depth=6,topk=8,total=32 kind=dynamic,depth=10,topk=4,total=40 \
                 kind=dynamic,depth=8,topk=8,total=48; do
       out=tune/$(echo $tree | tr ',=' '__'); [ -f $out/summary.json ] && continue; rm -rf $out

@@ -8,6 +8,7 @@ import pytest
 import vlmspec.testbed
 from vlmspec import demo
 from vlmspec.cli import main
+from vlmspec.hardware import native_bf16
 
 
 def shipped_weights_present() -> bool:
@@ -20,6 +21,9 @@ def shipped_weights_present() -> bool:
 
 def check_demo_output(text: str, report) -> None:
     assert "Q (" in text and "A (" in text
+    dtype = "bf16" if native_bf16("cpu") else "fp32"                  # `--dtype fast`, said and used
+    assert f"dtype {dtype}:" in text and f"torch.{'bfloat16' if dtype == 'bf16' else 'float32'}" in (
+        report / "report.md").read_text()
     assert "plain decoding" in text and "speculative (" in text and "speedup" in text
     assert str(report / "report.md") in text
     for name in ("records.jsonl", "summary.json", "report.md", "speedup.png"):

@@ -2,8 +2,8 @@
 
 bf16 pays off only where matrix units compute it: a CUDA GPU with native bf16, or a CPU with AVX512-BF16 or AMX.
 Elsewhere PyTorch emulates it, and slowly: on a 2-core AVX2 CPU a 512 x 512 bf16 matmul took 60x as long as in
-fp32, and the testbed's 16-token forward cost 3.0x one token in bf16 against 1.5x in fp32 (docs/benchmarks.md,
-"bf16 without bf16 hardware"), which leaves speculative decoding little to win.
+fp32, and the testbed's 16-token forward cost 3.0-3.6x one token in bf16 against 1.7-2.0x in fp32
+(docs/benchmarks.md, "bf16 without bf16 hardware"): the shipped drafters lost to plain decoding in bf16 there.
 """
 
 from __future__ import annotations
@@ -36,4 +36,4 @@ def warn_if_emulated_bf16(what: str, device: str | torch.device = "cpu") -> None
     if not native_bf16(device):
         warnings.warn(f"{what}: {torch.device(device).type} has no native bf16 (no AVX512-BF16 or AMX on a CPU), so "
                       "bf16 autocast runs emulated and several times slower than on bf16 hardware (measured on a "
-                      "2-core AVX2 CPU: one testbed build step 12 s against 1 s; docs/benchmarks.md)", stacklevel=3)
+                      "2-core AVX2 CPU: a vision step of testbed build 12 s against 0.35 s; docs/testbed.md)", stacklevel=3)

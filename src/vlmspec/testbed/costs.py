@@ -106,6 +106,10 @@ if __name__ == "__main__":  # pragma: no cover
     import json
     import sys
 
-    res = measure_costs(Path(sys.argv[1]), threads=int(sys.argv[2]) if len(sys.argv) > 2 else None)
+    from vlmspec.target.families import resolve_dtype
+
+    # python -m vlmspec.testbed.costs MODEL_DIR [THREADS [DTYPE]]   (DTYPE: bf16, the default, fp32, fast, …)
+    res = measure_costs(Path(sys.argv[1]), threads=int(sys.argv[2]) if len(sys.argv) > 2 else None,
+                        dtype=resolve_dtype(sys.argv[3] if len(sys.argv) > 3 else "bf16"))
     print(format_costs(res))
     print(json.dumps(res))
