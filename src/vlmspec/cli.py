@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     from vlmspec import __version__
     from vlmspec import demo
     from vlmspec.bench import cli as bench_cli
+    from vlmspec.bench import tune as tune_cli
     from vlmspec.testbed import cli as testbed_cli
     from vlmspec.train import cli as train_cli
 
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_cli.add_collect_parser(sub)
     train_cli.add_train_parser(sub)
     bench_cli.add_parser(sub)
+    tune_cli.add_parser(sub)
     demo.add_parser(sub)
     return parser
 

@@ -1,0 +1,155 @@
+"""`vlmspec tune`: find the draft tree that runs one drafter fastest on this machine, and save it as the
+checkpoint's recommended tree.
+
+The best tree depends on the hardware's price of a k-token forward (c(k)/c(1)) as much as on the drafter: on a
+2-core AVX2 CPU in fp32, a top-2 tree of 10 nodes beat the shipped d5/k4/16 by 12% on average over the seven
+testbed suites (docs/benchmarks.md, "bf16 without bf16 hardware"). Each candidate tree is one `vlmspec bench` run (plain decoding and the drafter on
+the same samples in one process), so the numbers mean what the bench says; the winner has the highest
+geometric-mean speedup over the suites. A killed run keeps every finished tree and resumes an unfinished one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from vlmspec.tree import TreeConfig
+
+# narrow trees (cheap to verify where c(k) grows fast) to wide ones (where it is flat: bf16 hardware, GPUs)
+DEFAULT_TREES = ("kind=chain,depth=5,min_prob=0.02", "kind=dynamic,depth=4,topk=2,total=8,min_prob=0.02",
+                 "kind=dynamic,depth=6,topk=2,total=10,min_prob=0.02",
+                 "kind=dynamic,depth=8,topk=2,total=12,min_prob=0.02",
+                 "kind=dynamic,depth=5,topk=4,total=16,min_prob=0.02",
+                 "kind=dynamic,depth=8,topk=6,total=24,min_prob=0.02",
+                 "kind=dynamic,depth=6,topk=8,total=32,min_prob=0.02")
+
+
+def folder_name(tree: str) -> str:
+    return tree.replace(",", "_").replace("=", "-")
+
+
+def tune(target: str, drafter: str, trees: Sequence[str], out: Path, progress: bool = True,
+         say: Callable[[str], None] = lambda s: print(s, file=sys.stderr), **bench_options) -> list[dict]:
+    """Bench `drafter` under each tree into `out/<tree>/`; return one row per tree (`tree`, `speedup`, `tau`,
+    `folder`), fastest first. `bench_options` are `BenchConfig` fields (suites, suite_files, limit, temperatures,
+    max_new_tokens, dtype, device, seed, warmup, cost_repeats)."""
+    from vlmspec.bench.runner import BenchConfig, run_bench
+
+    if drafter == "none":
+        raise ValueError("tune needs a drafter: --drafter none has no tree")
+    if not trees:
+        raise ValueError("no candidate trees")
+    for tree in trees:
+        TreeConfig.parse(tree)                         # every bad tree fails before any model loads
+    temperatures = tuple(bench_options.get("temperatures", (0.0,)))
+    if len(temperatures) != 1:
+        raise ValueError(f"tune compares trees at one temperature, got {list(temperatures)}")
+    rows = []
+    for index, tree in enumerate(trees, 1):
+        folder = Path(out) / folder_name(tree)
+        if not (folder / "summary.json").exists():
+            say(f"tree {index}/{len(trees)}: {tree}")
+            config = BenchConfig(target=target, drafters=("none", drafter), tree=tree, out=str(folder),
+                                 resume=(folder / "records.jsonl").exists(), plots=False, **bench_options)
+            run_bench(config, progress=progress)
+        summary = json.loads((folder / "summary.json").read_text())
+        row = next(r for r in summary["across_suites"] if r["arm"] == drafter)
+        rows.append({"tree": tree, "speedup": row["speedup_geomean"], "tau": row["tau_mean"],
+                     "folder": str(folder)})
+    ranked = sorted(rows, key=lambda r: -(r["speedup"] or 0.0))
+    if ranked[0]["speedup"] is None:
+        raise ValueError(f"{drafter} failed under every tree; see the bench reports in {out}")
+    (Path(out) / "tune.json").write_text(json.dumps({"target": target, "drafter": drafter, "temperature":
+                                                     temperatures[0], "trees": ranked}, indent=1) + "\n")
+    return ranked
+
+
+def save_target(drafter: str, dest: Path) -> Path:
+    """The checkpoint folder `--save` copies; a clear error, before any bench runs, when there is none or `dest`
+    holds files."""
+    from vlmspec.drafters import available_drafters
+    from vlmspec.drafters.base import read_drafter_meta, resolve_drafter_path
+
+    if drafter in available_drafters() and not Path(drafter).exists():
+        raise ValueError(f"--save needs a drafter checkpoint; {drafter!r} is an untrained type")
+    source = resolve_drafter_path(drafter)
+    read_drafter_meta(source)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ValueError(f"{dest} exists and is not an empty folder: choose another --save folder")
+    return source
+
+
+def save_with_tree(drafter: str, tree: str, dest: Path) -> Path:
+    """Copy the drafter checkpoint to `dest` (which must not exist or be empty) with `tree` as its recommended
+    tree; weights and the rest of its config unchanged."""
+    from vlmspec.drafters.base import read_drafter_meta
+
+    dest = Path(dest)
+    source = save_target(drafter, dest)
+    meta = read_drafter_meta(source)
+    shutil.copytree(source, dest, dirs_exist_ok=True)
+    meta["tree"] = TreeConfig.parse(tree).to_dict()
+    (dest / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return dest
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| tree | speedup (geomean) | τ (mean) |", "|---|---|---|"]
+    for i, row in enumerate(rows):
+        speedup = "failed" if row["speedup"] is None else f"{row['speedup']:.2f}"
+        tau = "–" if row["tau"] is None else f"{row['tau']:.2f}"
+        lines.append(f"| {row['tree']} | {'**' + speedup + '**' if i == 0 else speedup} | {tau} |")
+    return "\n".join(lines)
+
+
+def tune_command(args: argparse.Namespace) -> int:
+    from vlmspec.bench.cli import split
+
+    trees = tuple(tree.strip() for tree in args.trees.split(";") if tree.strip())
+    if args.save:
+        save_target(args.drafter, Path(args.save))
+    rows = tune(args.target, args.drafter, trees, Path(args.out), progress=not args.quiet,
+                suites=split(args.suites), suite_files=tuple(args.suite_file), limit=args.limit,
+                temperatures=(args.temperature,), max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                device=args.device, seed=args.seed, cost_repeats=args.cost_repeats)
+    print(table(rows))
+    print(f"\nfastest: --tree {rows[0]['tree']}  (each tree's bench report: {Path(args.out) / '<tree>' / 'report.md'})")
+    if args.save:
+        saved = save_with_tree(args.drafter, rows[0]["tree"], Path(args.save))
+        print(f"saved: {saved} (the weights of {args.drafter}, recommending that tree)")
+    return 0
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "tune", help="find the fastest draft tree for a drafter on this machine",
+        description="Bench one drafter under each candidate tree (one `vlmspec bench` run per tree: plain decoding "
+                    "and the drafter on the same samples) and rank the trees by geometric-mean speedup; "
+                    "--save writes a copy of the checkpoint that recommends the winner. Tune on suites you do "
+                    "not report. See docs/benchmarks.md.")
+    parser.add_argument("--target", default="testbed", help="model directory, or 'testbed' (default)")
+    parser.add_argument("--drafter", required=True, help="checkpoint directory, testbed:<type>, or a registered type")
+    parser.add_argument("--trees", default=";".join(DEFAULT_TREES),
+                        help="candidate trees separated by ';' (default: seven from a 6-node chain to a 32-node "
+                             "tree, all with min_prob=0.02)")
+    parser.add_argument("--suites", default="", help="comma-separated testbed suites (default n and seed)")
+    parser.add_argument("--suite-file", action="append", default=[], metavar="FILE",
+                        help="a suite JSONL file (repeatable)")
+    parser.add_argument("--limit", type=int, default=None, help="first N samples of each suite")
+    parser.add_argument("--temperature", type=float, default=0.0, help="the one temperature compared (default 0)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--dtype", default="fast", help="as for bench (default fast)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cost-repeats", type=int, default=3, help="timed repeats per k for c(k) (default 3)")
+    parser.add_argument("--out", default="tune-out", help="folder of the per-tree bench runs and tune.json "
+                                                          "(default ./tune-out; a rerun resumes)")
+    parser.add_argument("--save", default=None, metavar="DIR",
+                        help="write the drafter with the fastest tree as its recommended tree into DIR")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=tune_command)
+    return parser
