@@ -43,13 +43,28 @@ def bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The options `bench` and `tune` share: what runs (target, suites, length, dtype, device, seed)."""
+    parser.add_argument("--target", default="testbed", help="model directory, or 'testbed' (default)")
+    parser.add_argument("--suites", default="", help="comma-separated testbed suites (default n and seed)")
+    parser.add_argument("--suite-file", action="append", default=[], metavar="FILE",
+                        help="a suite JSONL file (repeatable)")
+    parser.add_argument("--limit", type=int, default=None, help="first N samples of each suite")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--dtype", default="fast",
+                        help="fast (default: bf16 where --device computes bf16 natively, else fp32), bf16, fp16, "
+                             "fp32, or checkpoint (its own dtype)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--seed", type=int, default=0, help="base seed of the per-sample sampling seeds")
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     parser = sub.add_parser(
         "bench", help="measure speedup, τ and acceptance of drafters and peers on suites",
         description="Run plain decoding, each drafter and each peer on the same samples in one process (per "
                     "sample all arms back to back, after a warm-up) and write DIR/records.jsonl, summary.json, "
                     "report.md and PNG plots. See docs/benchmarks.md for every column.")
-    parser.add_argument("--target", default="testbed", help="model directory, or 'testbed' (default)")
+    add_run_arguments(parser, max_new_tokens=64)
     parser.add_argument("--drafters", default="none",
                         help="comma-separated arms: none (plain, always run), registered types (untrained), "
                              "checkpoint directories, testbed:<type>")
@@ -60,23 +75,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--peers", default="",
                         help="comma-separated Hugging Face peers: hf-generate, hf-assisted:DIR, "
                              "hf-prompt-lookup[:N]")
-    parser.add_argument("--suites", default="", help="comma-separated testbed suites (default n and seed)")
-    parser.add_argument("--suite-file", action="append", default=[], metavar="FILE",
-                        help="a suite JSONL file (repeatable)")
     parser.add_argument("--temperatures", default="0", help="comma-separated, e.g. 0,1 (0 = greedy)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="fast",
-                        help="fast (default: bf16 where --device computes bf16 natively, else fp32), bf16, fp16, "
-                             "fp32, or checkpoint (its own dtype)")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--tree", default=None,
                         help="draft tree for every drafter arm, e.g. kind=dynamic,depth=6,topk=8,total=32 "
                              "(default: each drafter's recommended tree)")
     parser.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
     parser.add_argument("--resume", action="store_true", help="continue a killed run in --out")
-    parser.add_argument("--limit", type=int, default=None, help="first N samples of each suite")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up generations per arm (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="base seed of the per-sample sampling seeds")
     parser.add_argument("--cost-repeats", type=int, default=11, help="timed repeats per k for c(k) (default 11)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -3,9 +3,10 @@ checkpoint's recommended tree.
 
 The best tree depends on the hardware's price of a k-token forward (c(k)/c(1)) as much as on the drafter: on a
 2-core AVX2 CPU in fp32, a top-2 tree of 10 nodes beat the shipped d5/k4/16 by 12% on average over the seven
-testbed suites (docs/benchmarks.md, "bf16 without bf16 hardware"). Each candidate tree is one `vlmspec bench` run (plain decoding and the drafter on
-the same samples in one process), so the numbers mean what the bench says; the winner has the highest
-geometric-mean speedup over the suites. A killed run keeps every finished tree and resumes an unfinished one.
+testbed suites (docs/benchmarks.md, "bf16 without bf16 hardware"). Each candidate tree is one `vlmspec bench`
+run (plain decoding and the drafter on the same samples in one process), so the numbers mean what the bench says;
+the winner has the highest geometric-mean speedup over the suites. A killed run keeps every finished tree and
+resumes an unfinished one.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def tune_command(args: argparse.Namespace) -> int:
                 temperatures=(args.temperature,), max_new_tokens=args.max_new_tokens, dtype=args.dtype,
                 device=args.device, seed=args.seed, cost_repeats=args.cost_repeats)
     print(table(rows))
-    print(f"\nfastest: --tree {rows[0]['tree']}  (each tree's bench report: {Path(args.out) / '<tree>' / 'report.md'})")
+    print(f"\nfastest: --tree {rows[0]['tree']}  (each tree's bench report: {Path(args.out)}/<tree>/report.md)")
     if args.save:
         saved = save_with_tree(args.drafter, rows[0]["tree"], Path(args.save))
         print(f"saved: {saved} (the weights of {args.drafter}, recommending that tree)")
@@ -125,26 +126,21 @@ def tune_command(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
+    from vlmspec.bench.cli import add_run_arguments
+
     parser = sub.add_parser(
         "tune", help="find the fastest draft tree for a drafter on this machine",
         description="Bench one drafter under each candidate tree (one `vlmspec bench` run per tree: plain decoding "
                     "and the drafter on the same samples) and rank the trees by geometric-mean speedup; "
                     "--save writes a copy of the checkpoint that recommends the winner. Tune on suites you do "
                     "not report. See docs/benchmarks.md.")
-    parser.add_argument("--target", default="testbed", help="model directory, or 'testbed' (default)")
-    parser.add_argument("--drafter", required=True, help="checkpoint directory, testbed:<type>, or a registered type")
+    add_run_arguments(parser, max_new_tokens=128)
+    parser.add_argument("--drafter", required=True,
+                        help="checkpoint directory, testbed:<type>, or a registered type")
     parser.add_argument("--trees", default=";".join(DEFAULT_TREES),
                         help="candidate trees separated by ';' (default: seven from a 6-node chain to a 32-node "
                              "tree, all with min_prob=0.02)")
-    parser.add_argument("--suites", default="", help="comma-separated testbed suites (default n and seed)")
-    parser.add_argument("--suite-file", action="append", default=[], metavar="FILE",
-                        help="a suite JSONL file (repeatable)")
-    parser.add_argument("--limit", type=int, default=None, help="first N samples of each suite")
     parser.add_argument("--temperature", type=float, default=0.0, help="the one temperature compared (default 0)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--dtype", default="fast", help="as for bench (default fast)")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cost-repeats", type=int, default=3, help="timed repeats per k for c(k) (default 3)")
     parser.add_argument("--out", default="tune-out", help="folder of the per-tree bench runs and tune.json "
                                                           "(default ./tune-out; a rerun resumes)")
