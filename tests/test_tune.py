@@ -63,6 +63,8 @@ def test_tune_ranks_the_trees_and_saves_the_winner(setup, tmp_path, capsys, monk
     monkeypatch.setattr("vlmspec.bench.runner.run_bench", no_bench)
     assert run(setup, tmp_path / "out") == 0                # resumes from the finished trees
     assert json.loads((tmp_path / "out" / "tune.json").read_text())["trees"] == ranked
+    assert run(setup, tmp_path / "out", "--limit", "1") == 2  # … but never with other settings
+    assert "was run with other settings (limit)" in capsys.readouterr().err
 
 
 def test_bad_input_fails_before_benching(setup, tmp_path, capsys, monkeypatch):

@@ -29,6 +29,11 @@ DEFAULT_TREES = ("kind=chain,depth=5,min_prob=0.02", "kind=dynamic,depth=4,topk=
                  "kind=dynamic,depth=6,topk=8,total=32,min_prob=0.02")
 
 
+# settings a finished tree's bench must share with this run for its result to be reused
+SAME_SETTINGS = ("target", "drafters", "suites", "suite_files", "temperatures", "max_new_tokens", "dtype", "tree",
+                 "limit", "seed", "device")
+
+
 def folder_name(tree: str) -> str:
     return tree.replace(",", "_").replace("=", "-")
 
@@ -52,12 +57,16 @@ def tune(target: str, drafter: str, trees: Sequence[str], out: Path, progress: b
     rows = []
     for index, tree in enumerate(trees, 1):
         folder = Path(out) / folder_name(tree)
+        config = BenchConfig(target=target, drafters=("none", drafter), tree=tree, out=str(folder),
+                             resume=(folder / "records.jsonl").exists(), plots=False, **bench_options)
         if not (folder / "summary.json").exists():
             say(f"tree {index}/{len(trees)}: {tree}")
-            config = BenchConfig(target=target, drafters=("none", drafter), tree=tree, out=str(folder),
-                                 resume=(folder / "records.jsonl").exists(), plots=False, **bench_options)
             run_bench(config, progress=progress)
         summary = json.loads((folder / "summary.json").read_text())
+        wanted = json.loads(json.dumps(config.to_dict()))
+        changed = [key for key in SAME_SETTINGS if summary["config"].get(key) != wanted.get(key)]
+        if changed:
+            raise ValueError(f"{folder} was run with other settings ({', '.join(changed)}): use another --out")
         row = next(r for r in summary["across_suites"] if r["arm"] == drafter)
         rows.append({"tree": tree, "speedup": row["speedup_geomean"], "tau": row["tau_mean"],
                      "folder": str(folder)})
