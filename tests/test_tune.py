@@ -11,6 +11,7 @@ from PIL import Image
 
 from vlmspec import Target, build_drafter, save_drafter
 from vlmspec.bench import tune as tune_module
+from vlmspec.bench.runner import BenchConfig
 from vlmspec.cli import main
 from vlmspec.drafters import recommended_tree
 from vlmspec.testing import save_tiny_model
@@ -43,28 +44,32 @@ def run(setup, out, *extra) -> int:
 def test_tune_ranks_the_trees_and_saves_the_winner(setup, tmp_path, capsys, monkeypatch):
     _, checkpoint, _ = setup
     assert run(setup, tmp_path / "out", "--save", str(tmp_path / "saved")) == 0
-    result = json.loads((tmp_path / "out" / "tune.json").read_text())
-    ranked = result["trees"]
+    ranked = json.loads((tmp_path / "out" / "tune.json").read_text())["trees"]
     assert sorted(row["tree"] for row in ranked) == sorted(TREES)
     assert ranked[0]["speedup"] >= ranked[1]["speedup"]
-    for row in ranked:                                   # each tree ran as given; numbers are the bench's
-        summary = json.loads((tmp_path / "out" / tune_module.folder_name(row["tree"]) / "summary.json").read_text())
-        arm = next(a for a in summary["arms"] if a["name"] == str(checkpoint))
-        assert arm["tree"] == TreeConfig.parse(row["tree"]).to_dict()
-        across = next(r for r in summary["across_suites"] if r["arm"] == str(checkpoint))
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())   # one bench, an arm per tree
+    assert [a["name"] for a in summary["arms"]] == ["none"] + [tune_module.arm_name(str(checkpoint), t) for t in TREES]
+    for row in ranked:                                   # each tree ran as given; the numbers are the bench's
+        name = tune_module.arm_name(str(checkpoint), row["tree"])
+        assert next(a for a in summary["arms"] if a["name"] == name)["tree"] == TreeConfig.parse(row["tree"]).to_dict()
+        across = next(r for r in summary["across_suites"] if r["arm"] == name)
         assert (row["speedup"], row["tau"]) == (across["speedup_geomean"], across["tau_mean"])
+    records = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
+    chain = [r for r in records if r["arm"] == tune_module.arm_name(str(checkpoint), TREES[0])]
+    assert chain and all(n <= 3 for r in chain for n in r["tree_nodes_per_step"])      # chain depth 2: 3 nodes
     best = TreeConfig.parse(ranked[0]["tree"]).to_dict()
     assert recommended_tree(tmp_path / "saved").to_dict() == best != recommended_tree(checkpoint).to_dict()
     assert (tmp_path / "saved" / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()
     assert f"fastest: --tree {ranked[0]['tree']}" in capsys.readouterr().out
 
-    def no_bench(*args, **kwargs):
-        raise AssertionError("a finished tree was benched again")
-    monkeypatch.setattr("vlmspec.bench.runner.run_bench", no_bench)
-    assert run(setup, tmp_path / "out") == 0                # resumes from the finished trees
-    assert json.loads((tmp_path / "out" / "tune.json").read_text())["trees"] == ranked
-    assert run(setup, tmp_path / "out", "--limit", "1") == 2  # … but never with other settings
-    assert "was run with other settings (limit)" in capsys.readouterr().err
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a finished sample was generated again")
+    monkeypatch.setattr("vlmspec.bench.runner.run_sample", no_generation)
+    assert run(setup, tmp_path / "out") == 0                # resumes: every sample is done
+    assert [row["tree"] for row in json.loads((tmp_path / "out" / "tune.json").read_text())["trees"]] == \
+        [row["tree"] for row in ranked]
+    assert run(setup, tmp_path / "out", "--max-new-tokens", "5") == 2     # … but never with other settings
+    assert "cannot resume" in capsys.readouterr().err
 
 
 def test_bad_input_fails_before_benching(setup, tmp_path, capsys, monkeypatch):
@@ -84,3 +89,8 @@ def test_bad_input_fails_before_benching(setup, tmp_path, capsys, monkeypatch):
         assert message in err and len(err.strip().splitlines()) == 1, (case, err)
     with pytest.raises(ValueError, match="one temperature"):
         tune_module.tune(str(tiny), str(checkpoint), TREES, tmp_path / "o", temperatures=(0.0, 1.0))
+    bench = dict(target=str(tiny), drafters=("none", "eagle"), suite_files=(str(suite),))
+    for bad in ({"trees": TREES, "tree": TREES[0]}, {"trees": (TREES[0], TREES[0])},
+                {"trees": TREES, "drafter_options": (f"eagle:tree={TREES[0]}",)}):
+        with pytest.raises(ValueError, match="tree"):
+            BenchConfig(**bench, **bad)

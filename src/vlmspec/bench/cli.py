@@ -23,7 +23,8 @@ def config_from_args(args: argparse.Namespace):
     drafters = split(args.drafters)
     return BenchConfig(target=args.target, drafters=drafters, suites=split(args.suites),
                        suite_files=tuple(args.suite_file), temperatures=temperatures(args.temperatures),
-                       max_new_tokens=args.max_new_tokens, dtype=args.dtype, tree=args.tree, out=args.out,
+                       max_new_tokens=args.max_new_tokens, dtype=args.dtype, tree=args.tree,
+                       trees=tuple(t.strip() for t in args.trees.split(";") if t.strip()), out=args.out,
                        resume=args.resume, limit=args.limit, warmup=args.warmup, seed=args.seed,
                        peers=split(args.peers), device=args.device, drafter_options=tuple(args.drafter_option),
                        cost_repeats=args.cost_repeats, plots=not args.no_plots)
@@ -79,6 +80,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--tree", default=None,
                         help="draft tree for every drafter arm, e.g. kind=dynamic,depth=6,topk=8,total=32 "
                              "(default: each drafter's recommended tree)")
+    parser.add_argument("--trees", default="", metavar="TREE;TREE…",
+                        help="run every drafter arm under each of these trees, as arms 'DRAFTER [TREE]' (compare "
+                             "trees on the same samples in one process; `vlmspec tune` ranks them)")
     parser.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
     parser.add_argument("--resume", action="store_true", help="continue a killed run in --out")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up generations per arm (default 1)")

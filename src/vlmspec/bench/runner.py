@@ -33,7 +33,7 @@ from vlmspec.tree import TreeConfig
 from vlmspec.verify import SamplingConfig
 
 # config keys that must match for --resume to append to an existing run
-RESUME_KEYS = ("target", "dtype", "max_new_tokens", "tree", "seed", "device", "drafter_options")
+RESUME_KEYS = ("target", "dtype", "max_new_tokens", "tree", "trees", "seed", "device", "drafter_options")
 # on_text(arm, sample, temperature, piece): streamed text of every arm; piece "" marks the start of an arm's run
 TextCallback = Callable[[str, SuiteSample, float, str], None]
 
@@ -50,6 +50,7 @@ class BenchConfig:
     max_new_tokens: int = 64
     dtype: str | None = "fast"                  # resolved for `device` (vlmspec.hardware); None: the checkpoint's
     tree: str | None = None
+    trees: tuple[str, ...] = ()                 # each drafter arm once per tree, named "DRAFTER [TREE]"
     out: str = "bench-out"
     resume: bool = False
     limit: int | None = None
@@ -79,11 +80,17 @@ class BenchConfig:
             raise ValueError("an arm is listed twice in --drafters or --peers")
         if self.tree:
             TreeConfig.parse(self.tree)
+        for tree in self.trees:
+            TreeConfig.parse(tree)
+        if self.trees and self.tree or len(set(self.trees)) != len(self.trees):
+            raise ValueError("give one --tree or distinct --trees, not both")
         for option in self.drafter_options:
             arm = next((a for a in self.drafters if option.startswith(a + ":")), None)
             if arm is None:
                 raise ValueError(f"drafter option {option!r} names no arm of --drafters (expected ARM:KEY=VALUE)")
             if option[len(arm) + 1:].startswith("tree="):
+                if self.trees:
+                    raise ValueError(f"drafter option {option!r}: an arm's own tree and --trees exclude each other")
                 TreeConfig.parse(option[len(arm) + 1 + len("tree="):])
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,7 +136,8 @@ def open_target(config: BenchConfig) -> Target:
 
 def open_arms(config: BenchConfig, target: Target) -> list[Arm]:
     """Plain decoding first, then each drafter, then each peer. An arm's tree: its own `ARM:tree=…` option, else
-    `--tree`, else the checkpoint's recommended tree, else the default."""
+    `--tree`, else the checkpoint's recommended tree, else the default; with `--trees`, one arm per drafter and
+    tree (one drafter object: its state lives in each generation, not in it)."""
     arms = [Arm("none", "vlmspec", Generator(target, None), tree=None)]
     tree = TreeConfig.parse(config.tree) if config.tree else None
     for name in config.drafters:
@@ -138,6 +146,11 @@ def open_arms(config: BenchConfig, target: Target) -> list[Arm]:
         options = [o[len(name) + 1:] for o in config.drafter_options if o.startswith(name + ":")]
         own_tree = [TreeConfig.parse(o[len("tree="):]) for o in options if o.startswith("tree=")]
         drafter, recommended = open_drafter(name, target, [o for o in options if not o.startswith("tree=")])
+        if config.trees:
+            for text in config.trees:
+                each = TreeConfig.parse(text)
+                arms.append(Arm(f"{name} [{text}]", "vlmspec", Generator(target, drafter, each), tree=each.to_dict()))
+            continue
         resolved = (own_tree or [None])[-1] or tree or recommended or TreeConfig()
         arms.append(Arm(name, "vlmspec", Generator(target, drafter, resolved), tree=resolved.to_dict()))
     arms += [Arm(peer.name, "peer", peer=peer) for peer in (open_peer(spec, target) for spec in config.peers)]

@@ -3,10 +3,10 @@ checkpoint's recommended tree.
 
 The best tree depends on the hardware's price of a k-token forward (c(k)/c(1)) as much as on the drafter: on a
 2-core AVX2 CPU in fp32, a top-2 tree of 10 nodes beat the shipped d5/k4/16 by 12% on average over the seven
-testbed suites (docs/benchmarks.md, "bf16 without bf16 hardware"). Each candidate tree is one `vlmspec bench`
-run (plain decoding and the drafter on the same samples in one process), so the numbers mean what the bench says;
-the winner has the highest geometric-mean speedup over the suites. A killed run keeps every finished tree and
-resumes an unfinished one.
+testbed suites (docs/benchmarks.md, "bf16 without bf16 hardware"). All candidate trees run in one `vlmspec bench`
+(`--trees`: per sample, plain decoding and then the drafter under each tree, back to back in one process), so the
+numbers mean what the bench says and compare trees under the same machine state, which separate runs do not; the
+winner has the highest geometric-mean speedup over the suites. A killed run resumes as the bench does.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from vlmspec.tree import TreeConfig
 
@@ -29,52 +28,38 @@ DEFAULT_TREES = ("kind=chain,depth=5,min_prob=0.02", "kind=dynamic,depth=4,topk=
                  "kind=dynamic,depth=6,topk=8,total=32,min_prob=0.02")
 
 
-# settings a finished tree's bench must share with this run for its result to be reused
-SAME_SETTINGS = ("target", "drafters", "suites", "suite_files", "temperatures", "max_new_tokens", "dtype", "tree",
-                 "limit", "seed", "device")
-
-
-def folder_name(tree: str) -> str:
-    return tree.replace(",", "_").replace("=", "-")
+def arm_name(drafter: str, tree: str) -> str:
+    return f"{drafter} [{tree}]"
 
 
 def tune(target: str, drafter: str, trees: Sequence[str], out: Path, progress: bool = True,
-         say: Callable[[str], None] = lambda s: print(s, file=sys.stderr), **bench_options) -> list[dict]:
-    """Bench `drafter` under each tree into `out/<tree>/`; return one row per tree (`tree`, `speedup`, `tau`,
-    `folder`), fastest first. `bench_options` are `BenchConfig` fields (suites, suite_files, limit, temperatures,
-    max_new_tokens, dtype, device, seed, warmup, cost_repeats)."""
+         **bench_options) -> list[dict]:
+    """One bench run in `out` with `drafter` under every tree (`--trees`: per sample, plain decoding and then each
+    tree back to back); return one row per tree (`tree`, `speedup`, `tau`), fastest first. `bench_options` are
+    `BenchConfig` fields (suites, suite_files, limit, temperatures, max_new_tokens, dtype, device, seed, warmup,
+    cost_repeats). A rerun with the same `out` resumes the bench (which refuses other settings)."""
     from vlmspec.bench.runner import BenchConfig, run_bench
 
     if drafter == "none":
         raise ValueError("tune needs a drafter: --drafter none has no tree")
     if not trees:
         raise ValueError("no candidate trees")
-    for tree in trees:
-        TreeConfig.parse(tree)                         # every bad tree fails before any model loads
     temperatures = tuple(bench_options.get("temperatures", (0.0,)))
     if len(temperatures) != 1:
         raise ValueError(f"tune compares trees at one temperature, got {list(temperatures)}")
-    rows = []
-    for index, tree in enumerate(trees, 1):
-        folder = Path(out) / folder_name(tree)
-        config = BenchConfig(target=target, drafters=("none", drafter), tree=tree, out=str(folder),
-                             resume=(folder / "records.jsonl").exists(), plots=False, **bench_options)
-        if not (folder / "summary.json").exists():
-            say(f"tree {index}/{len(trees)}: {tree}")
-            run_bench(config, progress=progress)
-        summary = json.loads((folder / "summary.json").read_text())
-        wanted = json.loads(json.dumps(config.to_dict()))
-        changed = [key for key in SAME_SETTINGS if summary["config"].get(key) != wanted.get(key)]
-        if changed:
-            raise ValueError(f"{folder} was run with other settings ({', '.join(changed)}): use another --out")
-        row = next(r for r in summary["across_suites"] if r["arm"] == drafter)
-        rows.append({"tree": tree, "speedup": row["speedup_geomean"], "tau": row["tau_mean"],
-                     "folder": str(folder)})
+    out = Path(out)
+    config = BenchConfig(target=target, drafters=("none", drafter), trees=tuple(trees), out=str(out),
+                         resume=(out / "records.jsonl").exists(), plots=False, **bench_options)
+    run_bench(config, progress=progress)
+    summary = json.loads((out / "summary.json").read_text())
+    across = {row["arm"]: row for row in summary["across_suites"]}
+    rows = [{"tree": tree, "speedup": across[arm_name(drafter, tree)]["speedup_geomean"],
+             "tau": across[arm_name(drafter, tree)]["tau_mean"]} for tree in trees]
     ranked = sorted(rows, key=lambda r: -(r["speedup"] or 0.0))
     if ranked[0]["speedup"] is None:
-        raise ValueError(f"{drafter} failed under every tree; see the bench reports in {out}")
-    (Path(out) / "tune.json").write_text(json.dumps({"target": target, "drafter": drafter, "temperature":
-                                                     temperatures[0], "trees": ranked}, indent=1) + "\n")
+        raise ValueError(f"{drafter} failed under every tree; see {out / 'report.md'}")
+    (out / "tune.json").write_text(json.dumps({"target": target, "drafter": drafter, "temperature":
+                                               temperatures[0], "trees": ranked}, indent=1) + "\n")
     return ranked
 
 
@@ -127,7 +112,7 @@ def tune_command(args: argparse.Namespace) -> int:
                 temperatures=(args.temperature,), max_new_tokens=args.max_new_tokens, dtype=args.dtype,
                 device=args.device, seed=args.seed, cost_repeats=args.cost_repeats)
     print(table(rows))
-    print(f"\nfastest: --tree {rows[0]['tree']}  (each tree's bench report: {Path(args.out)}/<tree>/report.md)")
+    print(f"\nfastest: --tree {rows[0]['tree']}  (the bench report: {Path(args.out) / 'report.md'})")
     if args.save:
         saved = save_with_tree(args.drafter, rows[0]["tree"], Path(args.save))
         print(f"saved: {saved} (the weights of {args.drafter}, recommending that tree)")
@@ -139,8 +124,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     parser = sub.add_parser(
         "tune", help="find the fastest draft tree for a drafter on this machine",
-        description="Bench one drafter under each candidate tree (one `vlmspec bench` run per tree: plain decoding "
-                    "and the drafter on the same samples) and rank the trees by geometric-mean speedup; "
+        description="Bench one drafter under each candidate tree in one `vlmspec bench` run (per sample, plain "
+                    "decoding and then each tree, back to back) and rank the trees by geometric-mean speedup; "
                     "--save writes a copy of the checkpoint that recommends the winner. Tune on suites you do "
                     "not report. See docs/benchmarks.md.")
     add_run_arguments(parser, max_new_tokens=128)
@@ -151,7 +136,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                              "tree, all with min_prob=0.02)")
     parser.add_argument("--temperature", type=float, default=0.0, help="the one temperature compared (default 0)")
     parser.add_argument("--cost-repeats", type=int, default=3, help="timed repeats per k for c(k) (default 3)")
-    parser.add_argument("--out", default="tune-out", help="folder of the per-tree bench runs and tune.json "
+    parser.add_argument("--out", default="tune-out", help="folder of the bench report and tune.json "
                                                           "(default ./tune-out; a rerun resumes)")
     parser.add_argument("--save", default=None, metavar="DIR",
                         help="write the drafter with the fastest tree as its recommended tree into DIR")
