@@ -187,6 +187,7 @@ def prepare_out(config: BenchConfig, out: Path, keys_per_sample: set[tuple[str, 
     kept: list[dict] = []
     if config.resume and config_path.exists():
         previous = json.loads(config_path.read_text())
+        previous.setdefault("trees", [])           # runs from before --trees ran none
         changed = [k for k in RESUME_KEYS if previous.get(k) != config.to_dict().get(k)]
         if changed:
             raise ValueError(f"cannot resume {out}: {', '.join(changed)} differ from that run's config")
