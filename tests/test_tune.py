@@ -11,7 +11,7 @@ from PIL import Image
 
 from vlmspec import Target, build_drafter, save_drafter
 from vlmspec.bench import tune as tune_module
-from vlmspec.bench.runner import BenchConfig
+from vlmspec.bench.runner import BenchConfig, tree_arm_name
 from vlmspec.cli import main
 from vlmspec.drafters import recommended_tree
 from vlmspec.testing import save_tiny_model
@@ -48,14 +48,14 @@ def test_tune_ranks_the_trees_and_saves_the_winner(setup, tmp_path, capsys, monk
     assert sorted(row["tree"] for row in ranked) == sorted(TREES)
     assert ranked[0]["speedup"] >= ranked[1]["speedup"]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())   # one bench, an arm per tree
-    assert [a["name"] for a in summary["arms"]] == ["none"] + [tune_module.arm_name(str(checkpoint), t) for t in TREES]
+    assert [a["name"] for a in summary["arms"]] == ["none"] + [tree_arm_name(str(checkpoint), t) for t in TREES]
     for row in ranked:                                   # each tree ran as given; the numbers are the bench's
-        name = tune_module.arm_name(str(checkpoint), row["tree"])
+        name = tree_arm_name(str(checkpoint), row["tree"])
         assert next(a for a in summary["arms"] if a["name"] == name)["tree"] == TreeConfig.parse(row["tree"]).to_dict()
         across = next(r for r in summary["across_suites"] if r["arm"] == name)
         assert (row["speedup"], row["tau"]) == (across["speedup_geomean"], across["tau_mean"])
     records = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
-    chain = [r for r in records if r["arm"] == tune_module.arm_name(str(checkpoint), TREES[0])]
+    chain = [r for r in records if r["arm"] == tree_arm_name(str(checkpoint), TREES[0])]
     assert chain and all(n <= 3 for r in chain for n in r["tree_nodes_per_step"])      # chain depth 2: 3 nodes
     best = TreeConfig.parse(ranked[0]["tree"]).to_dict()
     assert recommended_tree(tmp_path / "saved").to_dict() == best != recommended_tree(checkpoint).to_dict()

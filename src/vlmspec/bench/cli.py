@@ -10,6 +10,11 @@ def split(text: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (text or "").split(",") if part.strip())
 
 
+def split_trees(text: str) -> tuple[str, ...]:
+    """'T1;T2;…' → trees (a tree itself holds commas)."""
+    return tuple(tree.strip() for tree in text.split(";") if tree.strip())
+
+
 def temperatures(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(t) for t in split(text))
@@ -24,7 +29,7 @@ def config_from_args(args: argparse.Namespace):
     return BenchConfig(target=args.target, drafters=drafters, suites=split(args.suites),
                        suite_files=tuple(args.suite_file), temperatures=temperatures(args.temperatures),
                        max_new_tokens=args.max_new_tokens, dtype=args.dtype, tree=args.tree,
-                       trees=tuple(t.strip() for t in args.trees.split(";") if t.strip()), out=args.out,
+                       trees=split_trees(args.trees), out=args.out,
                        resume=args.resume, limit=args.limit, warmup=args.warmup, seed=args.seed,
                        peers=split(args.peers), device=args.device, drafter_options=tuple(args.drafter_option),
                        cost_repeats=args.cost_repeats, plots=not args.no_plots)

@@ -134,6 +134,11 @@ def open_target(config: BenchConfig) -> Target:
     return target
 
 
+def tree_arm_name(drafter: str, tree: str) -> str:
+    """The arm name of `drafter` under one of `--trees`."""
+    return f"{drafter} [{tree}]"
+
+
 def open_arms(config: BenchConfig, target: Target) -> list[Arm]:
     """Plain decoding first, then each drafter, then each peer. An arm's tree: its own `ARM:tree=…` option, else
     `--tree`, else the checkpoint's recommended tree, else the default; with `--trees`, one arm per drafter and
@@ -149,7 +154,8 @@ def open_arms(config: BenchConfig, target: Target) -> list[Arm]:
         if config.trees:
             for text in config.trees:
                 each = TreeConfig.parse(text)
-                arms.append(Arm(f"{name} [{text}]", "vlmspec", Generator(target, drafter, each), tree=each.to_dict()))
+                arms.append(Arm(tree_arm_name(name, text), "vlmspec", Generator(target, drafter, each),
+                                tree=each.to_dict()))
             continue
         resolved = (own_tree or [None])[-1] or tree or recommended or TreeConfig()
         arms.append(Arm(name, "vlmspec", Generator(target, drafter, resolved), tree=resolved.to_dict()))

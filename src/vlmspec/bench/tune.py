@@ -28,17 +28,13 @@ DEFAULT_TREES = ("kind=chain,depth=5,min_prob=0.02", "kind=dynamic,depth=4,topk=
                  "kind=dynamic,depth=6,topk=8,total=32,min_prob=0.02")
 
 
-def arm_name(drafter: str, tree: str) -> str:
-    return f"{drafter} [{tree}]"
-
-
 def tune(target: str, drafter: str, trees: Sequence[str], out: Path, progress: bool = True,
          **bench_options) -> list[dict]:
     """One bench run in `out` with `drafter` under every tree (`--trees`: per sample, plain decoding and then each
     tree back to back); return one row per tree (`tree`, `speedup`, `tau`), fastest first. `bench_options` are
     `BenchConfig` fields (suites, suite_files, limit, temperatures, max_new_tokens, dtype, device, seed, warmup,
     cost_repeats). A rerun with the same `out` resumes the bench (which refuses other settings)."""
-    from vlmspec.bench.runner import BenchConfig, run_bench
+    from vlmspec.bench.runner import BenchConfig, run_bench, tree_arm_name
 
     if drafter == "none":
         raise ValueError("tune needs a drafter: --drafter none has no tree")
@@ -53,8 +49,8 @@ def tune(target: str, drafter: str, trees: Sequence[str], out: Path, progress: b
     run_bench(config, progress=progress)
     summary = json.loads((out / "summary.json").read_text())
     across = {row["arm"]: row for row in summary["across_suites"]}
-    rows = [{"tree": tree, "speedup": across[arm_name(drafter, tree)]["speedup_geomean"],
-             "tau": across[arm_name(drafter, tree)]["tau_mean"]} for tree in trees]
+    rows = [{"tree": tree, "speedup": across[tree_arm_name(drafter, tree)]["speedup_geomean"],
+             "tau": across[tree_arm_name(drafter, tree)]["tau_mean"]} for tree in trees]
     ranked = sorted(rows, key=lambda r: -(r["speedup"] or 0.0))
     if ranked[0]["speedup"] is None:
         raise ValueError(f"{drafter} failed under every tree; see {out / 'report.md'}")
@@ -102,9 +98,9 @@ def table(rows: list[dict]) -> str:
 
 
 def tune_command(args: argparse.Namespace) -> int:
-    from vlmspec.bench.cli import split
+    from vlmspec.bench.cli import split, split_trees
 
-    trees = tuple(tree.strip() for tree in args.trees.split(";") if tree.strip())
+    trees = split_trees(args.trees)
     if args.save:
         save_target(args.drafter, Path(args.save))
     rows = tune(args.target, args.drafter, trees, Path(args.out), progress=not args.quiet,
