@@ -7,24 +7,32 @@
 #
 # SCALE=N (percent, default 100) scales the main runs' step budgets; REGEN_WITH=DRAFTER (default testbed:eagle)
 # writes the regenerated answers by speculative decoding with that drafter, REGEN_WITH= by plain decoding (use it
-# when the shipped drafters do not match the shipped testbed, e.g. right after a testbed retrain).
+# when the shipped drafters do not match the shipped testbed, e.g. right after a testbed retrain). Training uses
+# bf16 autocast where the CPU computes bf16 natively and fp32 elsewhere (--no-bf16); collect and bench pick their
+# dtype the same way (--dtype fast, their default). INIT_FROM=DIR (a folder holding <type>/ drafter checkpoints,
+# e.g. a copy of src/vlmspec/testbed/drafters made before shipping new testbed weights) starts each main run from
+# that drafter instead of random weights (`vlmspec train --init`): after a short fine-tune of the testbed, a
+# continuation at SCALE=30 or so replaces a full retrain.
 set -uo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 RUNS=${RUNS:-runs/testbed-drafters}
 SCALE=${SCALE:-100}
 REGEN_WITH=${REGEN_WITH-testbed:eagle}
+INIT_FROM=${INIT_FROM:+$(cd "$INIT_FROM" && pwd)}
 SCRIPTS=$(cd "$(dirname "$0")" && pwd)
 mkdir -p $RUNS && cd $RUNS
 DATA="data/regen-describe data/regen-mixed data/ref-describe data/ref-mixed"
 MIXED=caption,vqa,ocr,chart,multi_image,text_chat
 DRAFTERS="eagle eagle3 msd vispec flash lumen"
+NO_BF16=$(python -c "from vlmspec.hardware import native_bf16; print('' if native_bf16() else '--no-bf16')")
 
 train() {  # folder type steps data [extra args...]: one run, batch 8, lr 1e-3
   local out=$1 type=$2 steps=$3 data=$4; shift 4
   [ -f $out/train_config.json ] && return
+  [ -n "$INIT_FROM" ] && [ $(dirname $out) = main ] && set -- "$@" --init $INIT_FROM/$type
   echo "$(date +%T) start $out"
   vlmspec train --drafter $type --target testbed --data $data --out $out --steps $steps --batch-size 8 --lr 1e-3 \
-      --checkpoint-every 500 --quiet "$@"
+      --checkpoint-every 500 --quiet $NO_BF16 "$@"
   echo "$(date +%T) done $out rc=$?"
 }
 

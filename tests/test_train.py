@@ -198,6 +198,24 @@ def test_resume_after_a_kill_reaches_the_same_weights(tiny, tmp_path):
         train(target, [data], tmp_path / "resumed", TrainConfig("eagle", steps=6, lr=1e-2), progress=False)
 
 
+def test_init_continues_from_a_trained_drafter(tiny, tmp_path):
+    target, _, _, data = tiny
+    first = train(target, [data], tmp_path / "first", TrainConfig("eagle", steps=3, batch_size=2, lr=1e-2,
+                                                                     bf16=False, seed=1), progress=False)
+    fresh = build_drafter("eagle", target)
+    assert not torch.equal(first.fc.weight, fresh.fc.weight)
+    config = TrainConfig("eagle", steps=1, batch_size=2, lr=1e-6, warmup=1, bf16=False, init=str(tmp_path / "first"))
+    continued = train(target, [data], tmp_path / "continued", config, progress=False)
+    torch.testing.assert_close(continued.fc.weight, first.fc.weight.float(), rtol=0, atol=1e-5)
+    assert not torch.equal(continued.fc.weight, first.fc.weight)  # and it did train
+    with pytest.raises(ValueError, match="drafter type eagle, not eagle3"):
+        train(target, [data], tmp_path / "x", TrainConfig("eagle3", steps=1, init=str(tmp_path / "first")),
+              progress=False)
+    with pytest.raises(ValueError, match="cannot be combined with --init"):
+        train(target, [data], tmp_path / "y", TrainConfig("eagle", steps=1, init=str(tmp_path / "first"),
+                                                          drafter_options={"num_layers": 1}), progress=False)
+
+
 def test_cli_help(capsys):
     for command in ("collect", "train"):
         with pytest.raises(SystemExit) as exit_info:

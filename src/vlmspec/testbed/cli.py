@@ -27,7 +27,7 @@ def _build(args: argparse.Namespace) -> int:
     if args.followups < 0:
         raise ValueError(f"--followups must be >= 0, got {args.followups}")
     cfg = replace(cfg, mix=args.mix, per_answer_loss=not args.token_mean_loss, followups=args.followups,
-                  count_followups=args.count_followups,
+                  count_followups=args.count_followups, bf16=not args.no_bf16,
                   **{k: v for k, v in overrides.items() if v is not None})
     if cfg.batch_size < 1 or cfg.lr <= 0 or cfg.threads < 1 or cfg.vision_lr <= 0:
         raise ValueError("batch size, learning rates and threads must be positive")
@@ -81,6 +81,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     build.add_argument("--device", default="cpu", help="torch device (default cpu)")
     build.add_argument("--workers", type=int, default=0, help="data worker processes (default 0)")
     build.add_argument("--init", type=Path, default=None, help="start from this saved testbed model's weights")
+    build.add_argument("--no-bf16", action="store_true",
+                       help="train in fp32 (default: bf16 autocast; use this where the CPU has no AVX512-BF16 or "
+                            "AMX, which emulates bf16 many times slower)")
     build.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 16)")
     build.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
     build.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 150)")

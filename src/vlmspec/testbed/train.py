@@ -79,6 +79,7 @@ class TrainConfig:
     attend_at: str = "name"  # the supervised query: "name" (the naming word's last token) or "answer" (see above)
     deep_aux_weight: float = 0.0  # weight of the patch loss on the LM's image-token states (0: off)
     deep_aux_layer: int = 8  # ... at the input of this decoder layer
+    bf16: bool = True  # bf16 autocast (fp32 weights and optimizer); False: fp32, for devices that emulate bf16
 
 
 # TrainConfig fields a resumed run must keep: they decide which samples the steps read.
@@ -371,9 +372,10 @@ def image_features(model, raw_pixels: torch.Tensor) -> torch.Tensor:
     return torch.stack(list(out.pooler_output))
 
 
-def pretrain_vision_step(model, aux_head, batch: dict, device: str, scale_weight: float) -> dict[str, torch.Tensor]:
+def pretrain_vision_step(model, aux_head, batch: dict, device: str, scale_weight: float,
+                         bf16: bool = True) -> dict[str, torch.Tensor]:
     """Losses of one vision-pretraining batch: the image path (vision tower, projector) and the aux head only."""
-    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
         feats = image_features(model, batch["pixel_values"].to(device))
         parts = image_losses(model, aux_head, feats, {k: v.to(device) for k, v in batch["aux"].items()})
     parts["loss"] = parts["aux"] + scale_weight * parts["scale"]
@@ -426,8 +428,8 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
     the run checkpoints and stops early, and a later call resumes it. `stop_at` stops after that many steps of
     both phases as a kill would (checkpoint written, no export); tests use it to check resuming.
     `device` (default cpu) and `workers` (data processes, default 0 = in-process) change speed, not the recipe;
-    bf16 autocast runs on the device. `init` starts from the weights of a saved testbed model (same
-    architecture and tokenizer) instead of a random initialization.
+    bf16 autocast runs on the device unless `train.bf16` is False. `init` starts from the weights of a saved
+    testbed model (same architecture and tokenizer) instead of a random initialization.
     """
     if not 0 <= seed < EVAL_SEED_START:
         raise ValueError(f"training seed must be in [0, {EVAL_SEED_START}), got {seed}")
@@ -451,7 +453,8 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
     out = _resolve_out(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
-    warn_if_emulated_bf16("vlmspec testbed build", device)
+    if cfg.bf16:
+        warn_if_emulated_bf16("vlmspec testbed build (--no-bf16 trains in fp32)", device)
     started = time.monotonic()
 
     tokenizer = train_tokenizer(arch.vocab_size, corpus())
@@ -524,7 +527,7 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
             opt, trained = vision_optimizer, vision_params
             lr = lr_at(step, cfg.vision_lr, max(1, cfg.vision_steps // 10), cfg.vision_steps)
             parts = pretrain_vision_step(model, aux_head, vision_batch(seed, step, cfg.vision_batch_size, cfg.mix),
-                                         device, cfg.scale_weight)
+                                         device, cfg.scale_weight, cfg.bf16)
             loss = parts.pop("loss")
         else:
             opt, trained = optimizer, params
@@ -533,7 +536,7 @@ def build(out: Path | None = None, seed: int = 0, steps: int | None = None, minu
             n_images = 0 if batch["pixel_values"] is None else batch["pixel_values"].shape[0]
             orders = image_token_orders(n_images, n_image, seed, step, cfg.shuffle_image_tokens,
                                         cfg.mirror_image_tokens)
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 parts = losses(model, aux_head, batch, cfg.per_answer_loss, orders,
                                (cfg.attend_layer, cfg.attend_heads, cfg.attend_at) if cfg.attend_weight > 0 else None,
                                (deep_head, cfg.deep_aux_layer) if deep_head is not None else None)

@@ -126,7 +126,9 @@ def add_collect_parser(sub) -> None:
                         help="store the layers these drafter types need (default: every trainable type)")
     parser.add_argument("--max-samples", type=int, default=None)
     parser.add_argument("--shard-size", type=int, default=32, help="samples per shard")
-    parser.add_argument("--dtype", default=None, help="target dtype: fp32, bf16 (default: the checkpoint's)")
+    parser.add_argument("--dtype", default="fast",
+                        help="target dtype: fast (default: bf16 where the CPU computes it natively, else fp32), "
+                             "checkpoint (the checkpoint's), bf16, fp16 or fp32")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=collect_command)
 
@@ -140,7 +142,7 @@ def train_command(args: argparse.Namespace) -> int:
                          lr=args.lr, batch_size=args.batch_size, warmup=args.warmup, weight_decay=args.weight_decay,
                          clip=args.clip, bf16=not args.no_bf16, checkpoint_every=args.checkpoint_every,
                          loss=args.loss or "", curriculum=args.curriculum or "",
-                         drafter_options=parse_options(args.drafter_option), tree=args.tree)
+                         drafter_options=parse_options(args.drafter_option), tree=args.tree, init=args.init)
     target = Target.from_pretrained(args.target, dtype=args.dtype)
     train(target, args.data, args.out, config, progress=not args.quiet)
     summary = json.loads((Path(args.out) / "train_config.json").read_text())["final_metrics"]
@@ -175,6 +177,9 @@ def add_train_parser(sub) -> None:
     parser.add_argument("--drafter-option", action="append", default=[], metavar="KEY=VALUE",
                         help="drafter config option, e.g. layers=1,4,7 (repeatable)")
     parser.add_argument("--tree", default=None, help="recommended tree saved with the drafter")
+    parser.add_argument("--init", default=None, metavar="DRAFTER",
+                        help="start from this trained drafter of the same type (a folder or testbed:<type>) "
+                             "instead of random weights, e.g. to follow a fine-tuned target")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     parser.add_argument("--no-bf16", action="store_true", help="train in fp32 (default: bf16 autocast)")
     parser.add_argument("--dtype", default="fp32", help="target dtype during training (default fp32)")

@@ -14,13 +14,14 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from vlmspec.drafters.base import Drafter, build_drafter, save_drafter
+from vlmspec.drafters.base import Drafter, build_drafter, load_drafter, save_drafter
 from vlmspec.hardware import warn_if_emulated_bf16
 from vlmspec.target import Target
 from vlmspec.train.data import BatchStream, CollectedData, Curriculum
@@ -48,6 +49,7 @@ class TrainConfig:
     curriculum: str = ""                     # `text-first:STEPS,ramp:STEPS`
     drafter_options: dict[str, Any] = field(default_factory=dict)
     tree: str | None = None                  # recommended tree written with the checkpoint
+    init: str | None = None                  # start from this trained drafter (a folder or testbed:<type>)
 
     def __post_init__(self) -> None:
         if self.steps is None and self.minutes is None:
@@ -82,6 +84,19 @@ def lr_factor(step: int, warmup: int, total: int | None) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def start_from(config: TrainConfig, target: Target) -> Drafter:
+    """The trained drafter `config.init` (its own options), checked to be of `config.drafter_type`: continued
+    training, e.g. after the target was fine-tuned, starts from it instead of a random initialization."""
+    if config.drafter_options:
+        raise ValueError("--drafter-option cannot be combined with --init: the drafter's options come from --init")
+    with warnings.catch_warnings():  # a target changed since the drafter was trained is why one continues
+        warnings.filterwarnings("ignore", message=".*fingerprint mismatch")
+        drafter = load_drafter(config.init, target)
+    if drafter.drafter_type != config.drafter_type:
+        raise ValueError(f"--init {config.init}: drafter type {drafter.drafter_type}, not {config.drafter_type}")
+    return drafter
+
+
 def train(target: Target, data_folders: Sequence[str | Path], out: str | Path, config: TrainConfig,
           progress: bool = True, on_step: Callable[[int, dict[str, float]], None] | None = None) -> Drafter:
     """Train (or resume training) a `config.drafter_type` drafter; write checkpoints and the final drafter to
@@ -91,7 +106,10 @@ def train(target: Target, data_folders: Sequence[str | Path], out: str | Path, c
 
     out = Path(out)
     target.model.requires_grad_(False)
-    drafter = build_drafter(config.drafter_type, target, seed=config.seed, **config.drafter_options)
+    if config.init is None:
+        drafter = build_drafter(config.drafter_type, target, seed=config.seed, **config.drafter_options)
+    else:
+        drafter = start_from(config, target)
     if not drafter.trainable:
         raise ValueError(f"drafter type {config.drafter_type!r} has no trainable weights")
     drafter = drafter.float().train()
