@@ -79,7 +79,7 @@ case $1 in
     esac ;;
   tune)  # every trained drafter under each candidate tree, validation suites, T=0
     arms=none$(printf ",main/%s" $DRAFTERS),draft-model
-    # the narrow trees (first line) won on a 2-core AVX2 CPU in fp32 (docs/benchmarks.md); not yet tried with bf16
+    # the first line (chain, narrow) won on a 2-core AVX2 CPU in fp32 (docs/drafters.md); not yet tried with bf16
     for tree in kind=chain,depth=5 kind=dynamic,depth=6,topk=2,total=10 kind=dynamic,depth=8,topk=2,total=12 \
                 kind=dynamic,depth=5,topk=4,total=16 kind=dynamic,depth=8,topk=6,total=24 \
                 kind=dynamic,depth=6,topk=8,total=32 kind=dynamic,depth=10,topk=4,total=40 \
@@ -113,6 +113,8 @@ for kind in sys.argv[1].split():
     (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     train = json.loads(Path(f"main/{kind}/train_config.json").read_text())
     train["data"] = [Path(d).name for d in train["data"]]
+    if train.get("init"):                                       # INIT_FROM's folder name and the type
+        train["init"] = "/".join(Path(train["init"]).parts[-2:])
     (dest / "train_config.json").write_text(json.dumps(train, indent=2) + "\n")
     print(kind, "tree", ranked[0][1], "tuning:", [(round(v, 2), t["depth"], t["total_tokens"]) for v, t in ranked])
 PY

@@ -228,6 +228,25 @@ def test_training_smoke_loss_falls_and_resume_is_exact(tmp_path):
     assert not any("aux" in k for k in a)  # training-only heads are not saved
 
 
+def test_no_bf16_trains_both_phases_without_autocast(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from vlmspec.testbed.train import TrainConfig, build
+
+    enabled, real = [], torch.autocast
+
+    def spy(*args, **kwargs):
+        enabled.append(kwargs.get("enabled", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", spy)
+    cfg = TrainConfig(steps=2, batch_size=2, warmup=1, threads=1, vision_steps=1, vision_batch_size=2)
+    build(tmp_path / "bf16", seed=3, arch=TINY, train=cfg, progress=False, stop_at=2)
+    assert enabled == [True, True]  # one vision step, one main step
+    build(tmp_path / "fp32", seed=3, arch=TINY, train=replace(cfg, bf16=False), progress=False, stop_at=2)
+    assert enabled == [True, True, False, False]
+
+
 def test_reordered_image_tokens_reach_the_lm_reordered_and_the_aux_head_stays_aligned(tokenizer):
     from vlmspec.testbed.train import Batches, image_token_orders, losses, make_aux_head, to_device
 
@@ -317,7 +336,7 @@ shipped = pytest.mark.skipif(not (SHIPPED_DIR / "model.safetensors").is_file(), 
 @shipped
 def test_shipped_model_answers_evaluation_seeds():
     """A regression floor, not the issue's target: the first 20 evaluation-seed samples of vqa and ocr scored
-    0.70 and 1.00 when the weights shipped (docs/testbed.md); chance is about 0.2 and 0.025."""
+    0.90 and 1.00 when the weights shipped (docs/testbed.md); chance is about 0.2 and 0.025."""
     from vlmspec.testbed.evaluate import evaluate_records, load
 
     model, processor = load(shipped_path())
@@ -326,7 +345,7 @@ def test_shipped_model_answers_evaluation_seeds():
     assert config.image_seq_length >= 64
     assert sum(f.stat().st_size for f in SHIPPED_DIR.iterdir()) <= 60 * 2**20
     vocabulary = {*render.COLORS, *render.SHAPES, *render.POSITIONS, *"12345", *data.OCR_WORDS}
-    for name, floor in (("vqa", 0.6), ("ocr", 0.8)):
+    for name, floor in (("vqa", 0.75), ("ocr", 0.8)):
         seed = data.SUITE_DEFAULTS[name][1]
         records = []
         for i in range(20):

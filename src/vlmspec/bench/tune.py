@@ -2,11 +2,12 @@
 checkpoint's recommended tree.
 
 The best tree depends on the hardware's price of a k-token forward (c(k)/c(1)) as much as on the drafter: on a
-2-core AVX2 CPU in fp32, a top-2 tree of 10 nodes beat the shipped d5/k4/16 by 12% on average over the seven
-testbed suites (docs/benchmarks.md, "bf16 without bf16 hardware"). All candidate trees run in one `vlmspec bench`
-(`--trees`: per sample, plain decoding and then the drafter under each tree, back to back in one process), so the
-numbers mean what the bench says and compare trees under the same machine state, which separate runs do not; the
-winner has the highest geometric-mean speedup over the suites. A killed run resumes as the bench does.
+2-core AVX2 CPU in fp32, a top-2 tree of 10 nodes beat the d5/k4/16 tuned on a CPU with bf16 units by 12% on
+average over the seven testbed suites (docs/benchmarks.md, "bf16 without bf16 hardware"). All candidate trees run
+in one `vlmspec bench` (`--trees`: per sample, plain decoding and then the drafter under each tree, back to back in
+one process), so the numbers mean what the bench says and compare trees under the same machine state, which
+separate runs do not; the winner has the highest geometric-mean speedup over the suites. A killed run resumes as
+the bench does.
 """
 
 from __future__ import annotations
