@@ -3,7 +3,8 @@
 bf16 pays off only where matrix units compute it: a CUDA GPU with native bf16, or a CPU with AVX512-BF16 or AMX.
 Elsewhere PyTorch emulates it, and slowly: on a 2-core AVX2 CPU a 512 x 512 bf16 matmul took 60-75x as long as in
 fp32, and the testbed's 16-token forward cost 3.0-3.6x one token in bf16 against 1.7-2.0x in fp32
-(docs/benchmarks.md, "bf16 without bf16 hardware"): the shipped drafters lost to plain decoding in bf16 there.
+(docs/benchmarks.md, "bf16 without bf16 hardware"): the first-round testbed drafters lost to plain decoding in
+bf16 there and won in fp32.
 """
 
 from __future__ import annotations
