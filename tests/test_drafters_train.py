@@ -77,12 +77,12 @@ def test_training_forward_matches_decoding(tiny, trained, drafter_type):
         trained_out = drafter(pairs.tokens, drafter.input_features(batch.hidden_states)[:, :-1], pairs.positions,
                               causal_mask(count, torch.float32), None, extra)                 # [1, n, H]
         state = drafter.begin(target, prefill, first_token=int(prefill.logits.argmax()))
-        decoded = drafter._run_pending(state, state.tokens, state.features, [i - 1 for i in range(count + 1)],
-                                       state.extra if state.extra is not None else state.node_extra)
+        decoded = drafter.decoder(state.catchup[None], state.catchup_positions[None],
+                                  causal_mask(count + 1, torch.float32), None)[0]         # the catch-up forward
     torch.testing.assert_close(decoded[:count], trained_out[0], rtol=1e-4, atol=1e-5)
     if drafter_type == "lumen":
         assert drafter.glob.weight.abs().sum() > 0 and drafter.visual.weight.abs().sum() > 0
-        assert state.node_extra is not None and extra is not None
+        assert state.context is not None and extra is not None
 
 
 @pytest.mark.parametrize("drafter_type", TYPES)

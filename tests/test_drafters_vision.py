@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from vlmspec import Generator, Target, TreeConfig, build_drafter, load_drafter, save_drafter
-from vlmspec.drafters.vision import (AttentionPool, Pairs, VisualFeatureDrafter, batch_pairs, build_layout,
-                                     entry_causal_mask)
+from vlmspec.drafters.feature import entry_causal_mask
+from vlmspec.drafters.vision import AttentionPool, Pairs, VisualFeatureDrafter, batch_pairs, build_layout
 from vlmspec.testing import compare_greedy, random_image, tiny_model
 from vlmspec.train.batch import TrainBatch
 from vlmspec.train.losses import LossConfig

@@ -1,76 +1,300 @@
-"""The one generation loop. Plain decoding is the same loop with no drafter: every tree is just its root.
+"""The one generation loop, for one request or many at once. Plain decoding is the same loop with no drafter:
+every tree is just its root.
 
-One step: drafter.propose → tree → target.verify → verify_greedy / verify_sampling → target.commit →
-drafter.accept → stats. The prefill is a target forward too and emits the first token.
+One engine step, over the B running requests (rows):
+    for each row: drafter.propose → that row's tree (its own sampling settings and random generator)
+    target.verify(all rows' trees, stacked)             one target forward
+    for each row: verify_greedy / verify_sampling        the row's own settings and generator
+    target.commit_rows                                    in-place gather of each row's accepted path
+    for each row: emit (EOS / stop / budget) → drafter.accept → stats
+Between steps the scheduler retires finished or cancelled rows (their cache rows are freed by packing) and
+admits waiting requests (continuous batching): an admitted request is prefilled alone (vision once, the model's
+own causal mask), emits its first token, and joins the batch as a new cache row.
+
+Why each row stays lossless: a row's tokens are chosen only from its own logits, with its own settings and its
+own `torch.Generator`, by the same verification functions as alone; the batched forward gives each row exactly
+its own attention (its prefix and its tree's ancestors, through the 4D mask) at its own positions. Drafting is
+per row (batch 1) and only shapes the tree. So a request's output is the same in a batch as alone, up to
+floating-point rounding of the batched forward, which can flip a near-tie (docs/engine.md).
 """
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from collections import deque
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 from PIL import Image
 
+from vlmspec.budget import TreeBudget
 from vlmspec.drafters.base import Drafter
 from vlmspec.inputs import Messages
-from vlmspec.target import Target
+from vlmspec.request import (Chunk, GenerationResult, GenerationStats, Request, RequestCancelled,  # noqa: F401
+                             acceptance_by_depth)
+from vlmspec.target import NodesOutput, Target
+from vlmspec.target.base import TargetState
 from vlmspec.tree import Tree, TreeConfig
 from vlmspec.verify import SamplingConfig, target_probs, verify_greedy, verify_sampling
 
 
-@dataclass
-class GenerationStats:
-    """Counters of one generation. τ = new_tokens / target_forwards (prefill included; plain decoding: τ = 1).
-    `accepted_by_depth[d-1]` = steps where a depth-d node was accepted / steps where depth d-1 was."""
+class Engine:
+    """Continuous batching of speculative (or, with `drafter=None`, plain) generation over one target.
 
-    new_tokens: int = 0
-    target_forwards: int = 0
-    draft_seconds: float = 0.0
-    verify_seconds: float = 0.0
-    prefill_seconds: float = 0.0
-    seconds: float = 0.0
-    accepted_per_step: list[int] = field(default_factory=list)
-    draft_forwards_per_step: list[int] = field(default_factory=list)
-    tree_nodes_per_step: list[int] = field(default_factory=list)
-    tree_depth_per_step: list[int] = field(default_factory=list)
+    `submit` validates and encodes a request and queues it; `step` runs one scheduler iteration; `start` runs
+    steps in a background thread (servers); without it, reading a request's stream drives the steps."""
+
+    def __init__(self, target: Target, drafter: Drafter | None = None, tree: TreeConfig | None = None,
+                 max_batch: int = 16, budget: TreeBudget | None | bool = True):
+        """`budget`: the per-step tree choice for greedy rows at batch >= 2 (`budget.TreeBudget`); True: a new
+        one, False/None: always the configured tree."""
+        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        self.target = target
+        self.drafter = drafter
+        self.tree = tree or TreeConfig()
+        self.max_batch = max_batch
+        if budget is True:
+            budget = TreeBudget(self.tree)
+        self.budget = budget if drafter is not None and budget else None
+        self.running: list[Request] = []                 # row b of `self.state` is running[b]
+        self.state = TargetState.empty(target.num_layers, target.device)
+        self._waiting: deque[Request] = deque()
+        self._ids = itertools.count()
+        self._queue_lock = threading.Lock()              # guards `_waiting` (submit/cancel come from any thread)
+        self._step_lock = threading.Lock()               # one step at a time
+        self._wakeup = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._eos = target.eos_token_ids
+
+    # ------------------------------------------------------------------ requests
+    @property
+    def context_length(self) -> int:
+        return self.target.context_length
 
     @property
-    def tau(self) -> float:
-        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+    def num_running(self) -> int:
+        return len(self.running)
 
     @property
-    def decode_seconds(self) -> float:
-        return self.seconds - self.prefill_seconds
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, images: Sequence[Image.Image | str | Path] | None = None, prompt: str | None = None,
+               messages: Messages | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: Sequence[str] = ()) -> Request:
+        """Queue a request (`Generator.generate`'s arguments); bad input raises ValueError here."""
+        sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k)
+        check_max_new_tokens(max_new_tokens)
+        return self.submit_inputs(self.target.encode(images, prompt, messages), max_new_tokens, sampling, seed, stop)
+
+    def submit_inputs(self, inputs: dict[str, torch.Tensor], max_new_tokens: int, sampling: SamplingConfig,
+                      seed: int | None = None, stop: Sequence[str] = ()) -> Request:
+        """`submit` on already encoded inputs (`Target.encode`)."""
+        if isinstance(stop, str):
+            stop = (stop,)
+        if self._stopping:
+            raise RuntimeError("the engine is stopping: no new requests")
+        budget = min(max_new_tokens, self.context_length - inputs["input_ids"].shape[1])
+        request = Request(self, next(self._ids), inputs, budget, sampling, seed, stop)
+        with self._queue_lock:
+            self._waiting.append(request)
+        self._wakeup.set()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Cancel a request: it leaves the batch (its cache rows freed) before the next step; others go on."""
+        request.cancel_requested = True
+        with self._queue_lock:
+            if request in self._waiting:
+                self._waiting.remove(request)
+                request.finish(self.target.tokenizer, "cancelled")
+        self._wakeup.set()
+
+    # ------------------------------------------------------------------ running
+    def step(self) -> bool:
+        """One scheduler iteration: retire cancelled rows, admit waiting requests, one decode step over the
+        batch, retire finished rows. Returns False when there was nothing to do."""
+        with self._step_lock, torch.no_grad():
+            self._retire(cancelled_only=True)
+            self._admit()
+            if not self.running:
+                return False
+            self._decode_step()
+            self._retire()
+            return True
+
+    def drive_until(self, request: Request) -> bool:
+        """Run a step on behalf of a reader waiting for `request` (no engine thread); False if the engine's
+        thread runs the steps instead."""
+        if self.running_in_thread:
+            return False
+        if not self.step() and not request.done:
+            raise RuntimeError(f"request {request.id} is neither running nor waiting")
+        return True
+
+    def run(self, requests: Sequence[Request]) -> list[GenerationResult]:
+        """Drive the engine until `requests` are done; their results in order (cancelled ones raise)."""
+        while not all(request.done for request in requests):
+            if not self.running_in_thread:
+                self.step()
+            else:
+                requests[[r.done for r in requests].index(False)]._finished.wait()
+        return [request.result() for request in requests]
 
     @property
-    def accepted_by_depth(self) -> list[float]:
-        return acceptance_by_depth(self.accepted_per_step, self.tree_depth_per_step)
+    def running_in_thread(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "tau": self.tau, "decode_seconds": self.decode_seconds,
-                "accepted_by_depth": self.accepted_by_depth}
+    def start(self) -> "Engine":
+        """Run the scheduler in a background thread until `stop`."""
+        if self.running_in_thread:
+            return self
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="vlmspec-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, cancel: bool = True) -> None:
+        """Stop admitting; cancel (or, with `cancel=False`, finish) what is queued and running; join the thread."""
+        self._stopping = True
+        if cancel:
+            with self._queue_lock:
+                pending = list(self._waiting) + list(self.running)
+            for request in pending:
+                self.cancel(request)
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            if not self.step():
+                if self._stopping and not self._waiting:
+                    return
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+
+    # ------------------------------------------------------------------ scheduling
+    def _admit(self) -> None:
+        while len(self.running) < self.max_batch:
+            with self._queue_lock:
+                if not self._waiting:
+                    return
+                request = self._waiting.popleft()
+            self._prefill(request)
+
+    def _prefill(self, request: Request) -> None:
+        """Run the prompt alone, emit the first token, and add the request as a new row (unless it is done)."""
+        target, drafter = self.target, self.drafter
+        start = time.perf_counter()
+        state, prefill = target.prefill(request.inputs)
+        token = choose_token(prefill.logits[0], request.sampling, request.generator)
+        if drafter is not None:
+            request.draft_state = drafter.begin(target, prefill, token)
+        request.root_token = token
+        request.stats.target_forwards = 1
+        request.emit([token], [0], self._eos, target.tokenizer)
+        if request.finish_reason is None:
+            self.state.add_row(state)
+            self.running.append(request)
+        request.stats.prefill_seconds = request.stats.seconds = time.perf_counter() - start
+        if request.finish_reason is not None:
+            request.finish(target.tokenizer)
+
+    def _retire(self, cancelled_only: bool = False) -> None:
+        """Drop finished (or only cancelled) rows; the last row moves into each freed slot."""
+        for row in reversed(range(len(self.running))):
+            request = self.running[row]
+            cancelled = request.cancel_requested and request.finish_reason is None
+            if not cancelled and (cancelled_only or request.finish_reason is None):
+                continue
+            self.state.remove_row(row)
+            self.running[row] = self.running[-1]
+            self.running.pop()
+            request.finish(self.target.tokenizer, "cancelled" if cancelled else None)
+
+    # ------------------------------------------------------------------ the step
+    def _decode_step(self) -> None:
+        target, drafter, rows = self.target, self.drafter, self.running
+        start = time.perf_counter()
+        arm = self.budget.choose(len(rows)) if self.budget is not None and len(rows) > 1 else None
+        greedy_tree = self.tree if arm is None else self.budget.arms[arm]
+        trees, draft_seconds, forwards_before = [], [], []
+        for request in rows:
+            tick = time.perf_counter()
+            forwards_before.append(getattr(request.draft_state, "forwards", 0))
+            tree_config = greedy_tree if request.sampling.greedy else self.tree
+            if drafter is None or tree_config is None:
+                trees.append(Tree.root_only(torch.tensor([request.root_token], device=target.device)))
+            else:
+                trees.append(drafter.propose(request.draft_state, tree_config, request.sampling, request.generator))
+            draft_seconds.append(time.perf_counter() - tick)
+        verify_start = time.perf_counter()
+        stacked = Tree.stack([Tree(t.tokens, t.parents, t.num_nodes) for t in trees])
+        verified = target.verify(self.state, stacked)
+        results = []
+        for row, (request, tree) in enumerate(zip(rows, trees)):
+            logits = verified.logits[row: row + 1, : tree.max_nodes]                 # [1, n, V]
+            if request.sampling.greedy:
+                results.append(verify_greedy(tree, logits))
+            else:
+                results.append(verify_sampling(tree, logits, request.sampling, request.generator))
+        target.commit_rows(self.state, [result.path(0) for result in results])
+        verify_seconds = time.perf_counter() - verify_start
+        for row, (request, tree, result) in enumerate(zip(rows, trees, results)):
+            tick = time.perf_counter()
+            emitted = result.emitted(tree, 0)
+            accepted = len(emitted) - 1
+            draft_state = request.draft_state
+            request.emit(emitted, list(range(1, accepted + 1)) + [0], self._eos, target.tokenizer)
+            if drafter is not None and request.finish_reason is None:
+                drafter.accept(request.draft_state, tree, result.path(0), row_view(verified, row, tree.max_nodes),
+                               emitted[-1])
+            request.root_token = emitted[-1]
+            stats = request.stats
+            stats.target_forwards += 1
+            stats.draft_seconds += draft_seconds[row] + time.perf_counter() - tick
+            stats.verify_seconds += verify_seconds
+            stats.accepted_per_step.append(accepted)
+            stats.draft_forwards_per_step.append(getattr(draft_state, "forwards", 0) - forwards_before[row])
+            stats.tree_nodes_per_step.append(int(tree.num_nodes[0]))
+            stats.tree_depth_per_step.append(int(tree.depths()[0].max()))
+            stats.batch_size_per_step.append(len(rows))
+        elapsed = time.perf_counter() - start
+        for request in rows:
+            request.stats.seconds += elapsed
+        if arm is not None:
+            self.budget.record(len(rows), arm, sum(len(result.emitted(tree, 0)) for tree, result in zip(trees, results)),
+                               elapsed)
 
 
-@dataclass
-class GenerationResult:
-    token_ids: list[int]
-    text: str
-    stats: GenerationStats
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "token_ids": self.token_ids, "stats": self.stats.to_dict()}
+def row_view(verified: NodesOutput, row: int, nodes: int) -> NodesOutput:
+    """Row `row`'s first `nodes` nodes of a batched verify output, as a batch-1 output (views, no copies)."""
+    return NodesOutput(logits=verified.logits[row: row + 1, :nodes],
+                       hidden_states=tuple(h[row: row + 1, :nodes] for h in verified.hidden_states),
+                       positions=verified.positions[..., row: row + 1, :nodes])
 
 
 class Generator:
-    """Speculative (or, with `drafter=None`, plain) generation with a target and a drafter."""
+    """Speculative (or, with `drafter=None`, plain) generation with a target and a drafter: one request at a time
+    (`generate`, `stream`) or many at once (`generate_batch`, or `engine()` for servers). Re-entrant: every call
+    runs on its own `Engine` and gets its own stats."""
 
     def __init__(self, target: Target, drafter: Drafter | None = None, tree: TreeConfig | None = None):
         self.target = target
         self.drafter = drafter
         self.tree = tree or TreeConfig()
+        self.budget = TreeBudget(self.tree)          # what the batched steps measured, kept across calls
+
+    def engine(self, max_batch: int = 16) -> Engine:
+        """A batched engine over this generator's target, drafter and tree."""
+        return Engine(self.target, self.drafter, self.tree, max_batch=max_batch, budget=self.budget)
 
     def generate(self, images: Sequence[Image.Image | str | Path] | None = None, prompt: str | None = None,
                  messages: Messages | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -88,113 +312,25 @@ class Generator:
 
         `prompt` marks images with `<image>` (none: images first); `messages` are HF chat messages. Generation
         ends at an EOS token (kept in `token_ids`), a `stop` string, or `max_new_tokens`."""
-        sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k)
-        check_max_new_tokens(max_new_tokens)
-        inputs = self.target.encode(images, prompt, messages)
-        return self.stream_inputs(inputs, max_new_tokens, sampling, seed, stop)
+        return self.engine(1).submit(images, prompt, messages, max_new_tokens, temperature, top_p, top_k, seed,
+                                     stop).stream()
 
     def stream_inputs(self, inputs: dict[str, torch.Tensor], max_new_tokens: int, sampling: SamplingConfig,
                       seed: int | None = None, stop: Sequence[str] = ()) -> Iterator[str | GenerationResult]:
         """`stream` on already encoded inputs (`Target.encode`)."""
-        tokenizer = self.target.tokenizer
-        token_ids: list[int] = []
-        text = ""
-        for _ in self._steps(inputs, max_new_tokens, sampling, seed, stop, token_ids):
-            full = tokenizer.decode(token_ids, skip_special_tokens=True)
-            if full.endswith("\ufffd"):        # an incomplete UTF-8 sequence: wait for the next token
-                continue
-            if len(full) > len(text) and full.startswith(text):
-                yield full[len(text):]
-            text = full
-        yield GenerationResult(token_ids=token_ids, text=tokenizer.decode(token_ids, skip_special_tokens=True),
-                               stats=self._stats)
+        return self.engine(1).submit_inputs(inputs, max_new_tokens, sampling, seed, stop).stream()
 
-    @torch.no_grad()
-    def _steps(self, inputs: dict[str, torch.Tensor], max_new_tokens: int, sampling: SamplingConfig,
-               seed: int | None, stop: Sequence[str], out: list[int]) -> Iterator[None]:
-        """Run the loop, appending committed tokens to `out` and yielding after each target forward."""
-        target, drafter = self.target, self.drafter
-        generator = torch.Generator(device=target.device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
-        max_new_tokens = min(max_new_tokens, target.context_length - inputs["input_ids"].shape[1])
-        eos = target.eos_token_ids
-        stats = self._stats = GenerationStats()
-        tokenizer = target.tokenizer
-        start = time.perf_counter()
-
-        state, prefill = target.prefill(inputs)
-        stats.target_forwards = 1
-        token = choose_token(prefill.logits[0], sampling, generator)
-        draft_state = drafter.begin(target, prefill, token) if drafter is not None else None
-        stats.prefill_seconds = time.perf_counter() - start
-        done = self._emit([token], out, eos, stop, max_new_tokens, tokenizer)
-        stats.new_tokens, stats.seconds = len(out), time.perf_counter() - start
-        paused = time.perf_counter()
-        yield
-        start += time.perf_counter() - paused          # time spent by the consumer between steps is not ours
-        while not done:
-            tick = time.perf_counter()
-            forwards_before = getattr(draft_state, "forwards", 0)
-            if drafter is None:
-                tree = Tree.root_only(torch.tensor([token], device=target.device))
-            else:
-                tree = drafter.propose(draft_state, self.tree, sampling, generator)
-            tock = time.perf_counter()
-            verified = target.verify(state, tree)
-            if sampling.greedy:
-                result = verify_greedy(tree, verified.logits)
-            else:
-                result = verify_sampling(tree, verified.logits, sampling, generator)
-            accepted = int(result.num_accepted[0])
-            path = result.accepted[0, : accepted + 1].tolist()
-            target.commit(state, path)
-            bonus = int(result.bonus[0])
-            new_tokens = tree.tokens[0, path[1:]].tolist() + [bonus]
-            verify_end = time.perf_counter()
-            done = self._emit(new_tokens, out, eos, stop, max_new_tokens, tokenizer)
-            accept_start = time.perf_counter()
-            if drafter is not None and not done:
-                drafter.accept(draft_state, tree, path, verified, bonus)
-            end = time.perf_counter()
-            stats.target_forwards += 1
-            stats.draft_seconds += (tock - tick) + (end - accept_start)
-            stats.verify_seconds += verify_end - tock
-            stats.accepted_per_step.append(accepted)
-            stats.draft_forwards_per_step.append(getattr(draft_state, "forwards", 0) - forwards_before)
-            stats.tree_nodes_per_step.append(int(tree.num_nodes[0]))
-            stats.tree_depth_per_step.append(int(tree.depths()[0].max()))
-            stats.new_tokens, stats.seconds = len(out), end - start
-            token = bonus
-            paused = time.perf_counter()
-            yield
-            start += time.perf_counter() - paused
-
-    @staticmethod
-    def _emit(tokens: list[int], out: list[int], eos: set[int], stop: Sequence[str], max_new_tokens: int,
-              tokenizer: Any) -> bool:
-        """Append tokens up to an EOS, a stop string or the budget; return True when generation is over."""
-        for token in tokens:
-            out.append(token)
-            if token in eos or len(out) >= max_new_tokens:
-                return True
-            if stop:
-                tail = tokenizer.decode(out[-32:], skip_special_tokens=True)
-                if any(s in tail for s in stop):
-                    return True
-        return False
-
-
-def acceptance_by_depth(accepted: Sequence[int], depths: Sequence[int]) -> list[float]:
-    """rate[d-1] = (steps whose depth-d node was accepted) / (steps whose depth d-1 was accepted and whose tree
-    reached depth d), from per-step accepted counts and tree depths (a tree stops below EOS and unlikely nodes)."""
-    rates = []
-    for depth in range(1, max(depths, default=0) + 1):
-        reached = sum(a >= depth - 1 and d >= depth for a, d in zip(accepted, depths))
-        rates.append(sum(a >= depth for a in accepted) / reached if reached else 0.0)
-    return rates
+    def generate_batch(self, requests: Sequence[dict[str, Any]], max_batch: int = 16) -> list[GenerationResult]:
+        """Run many requests together (each a dict of `generate`'s keyword arguments); results in order, each
+        what `generate` returns for it alone. Bad input in any request raises before anything runs."""
+        engine = self.engine(max_batch)
+        handles = []
+        for index, kwargs in enumerate(requests):
+            try:
+                handles.append(engine.submit(**kwargs))
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"request {index}: {error}") from None
+        return engine.run(handles)
 
 
 def choose_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> int:

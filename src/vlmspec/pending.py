@@ -1,6 +1,6 @@
 """Pending tree nodes on top of a committed KV prefix: the bookkeeping shared by the target and the drafters.
 
-A cache holds `[committed prefix | pending nodes]`. Each pending node attends to the whole prefix and to its
+A cache row holds `[committed prefix | pending nodes]`. Each pending node attends to the whole prefix and to its
 ancestors-or-self among the pending nodes; its position is the prefix length plus its depth (root-level nodes,
 whose parent is -1, have depth 0). Parent pointers are the truth; ancestors and depths are derived when nodes
 are added.
@@ -9,6 +9,7 @@ are added.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -51,12 +52,18 @@ class PendingNodes:
         self.depths, self.ancestors = depths, ancestors
         return depths[:, old:]
 
-    def attention_mask(self, prefix: int, count: int, dtype: torch.dtype) -> Tensor:
-        """Additive mask [B, 1, count, prefix + P] for the last `count` pending nodes (0 = attend)."""
-        batch = self.tokens.shape[0]
-        visible = torch.cat([torch.ones(batch, count, prefix, dtype=torch.bool, device=self.tokens.device),
-                             self.ancestors[:, len(self) - count:, :]], dim=2)
-        mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    def attention_mask(self, prefix: int | Sequence[int], count: int, dtype: torch.dtype) -> Tensor:
+        """Additive mask [B, 1, count, max(prefix) + P] for the last `count` pending nodes (0 = attend), where row b
+        holds its committed prefix (prefix[b] entries, or `prefix` for every row) then its P pending nodes."""
+        batch, total = self.tokens.shape
+        device = self.tokens.device
+        lengths = torch.as_tensor(prefix, dtype=torch.long, device=device).expand(batch)          # [B]
+        span = int(lengths.max()) + total
+        visible = torch.arange(span, device=device)[None, None, :] < lengths[:, None, None]      # [B, 1, span]
+        visible = visible.expand(batch, count, span).clone()                                    # [B, count, span]
+        slots = (lengths[:, None] + torch.arange(total, device=device))[:, None, :]             # [B, 1, P]
+        visible.scatter_(2, slots.expand(batch, count, total), self.ancestors[:, total - count:, :])
+        mask = torch.zeros(visible.shape, dtype=dtype, device=device)
         return mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None]
 
     def follow(self, tokens: list[int]) -> list[int]:

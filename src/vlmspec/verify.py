@@ -79,6 +79,10 @@ class VerifyResult:
     num_accepted: Tensor  # [B] long
     bonus: Tensor  # [B] long
 
+    def path(self, b: int) -> list[int]:
+        """Node indices of sequence b's accepted path, root first (what the caches keep)."""
+        return self.accepted[b, : 1 + int(self.num_accepted[b])].tolist()
+
     def emitted(self, tree: Tree, b: int) -> list[int]:
         """Tokens sequence b emits this step: the accepted draft tokens, then the bonus."""
         path = self.accepted[b, 1 : 1 + int(self.num_accepted[b])]  # [num_accepted[b]]

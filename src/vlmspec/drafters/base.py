@@ -9,6 +9,9 @@ protocol, driven by the engine with explicit state objects:
         ... target verifies, commits the accepted path ...
         drafter.accept(state, tree, path, verified, bonus)  # path: accepted tree node indices, root first
 
+A step may skip drafting (the engine verifies the root alone when drafting would not pay): then `accept` follows
+`accept` with no `propose` between them, and the drafter must keep every verified token it has not consumed yet.
+
 A drafter registers itself with `@register_drafter` under its type name with its config dataclass; the CLI, the
 checkpoint loader and the tests read the registry.
 

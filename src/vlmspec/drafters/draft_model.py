@@ -68,7 +68,8 @@ class DraftModelDrafter(Drafter):
                                 torch.arange(-1, count - 1, device=device)[None])
         self.draft.commit(state.model_state, list(range(count)))
         state.forwards += 1
-        builder = self.tree_builder(tree_config, state.tokens[-1], sampling, generator)
+        root, state.tokens = state.tokens[-1], []
+        builder = self.tree_builder(tree_config, root, sampling, generator)
         node_pending = {0: -1}
         logits = out.logits[0, -1:]                                                 # [1, V]
         while True:
@@ -89,4 +90,4 @@ class DraftModelDrafter(Drafter):
         accepted = tree.tokens[0, path[1:]].tolist()
         kept = state.model_state.pending.follow(accepted)
         self.draft.commit(state.model_state, kept)
-        state.tokens = accepted[len(kept):] + [bonus]
+        state.tokens += accepted[len(kept):] + [bonus]      # a step without drafting left its tokens here

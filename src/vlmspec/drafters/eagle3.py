@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from vlmspec.drafters.base import register_drafter
 from vlmspec.drafters.eagle import EagleDrafter
-from vlmspec.train.losses import LossConfig
 
 
 @dataclass(frozen=True)
@@ -83,5 +82,7 @@ class Eagle3Drafter(FusionDrafter):
     drafter_type = "eagle3"
     config_class = Eagle3Config
 
-    def default_loss_config(self) -> LossConfig:
+    def default_loss_config(self):
+        from vlmspec.train.losses import LossConfig
+
         return LossConfig(steps=3, feature_weight=0.1, logit_weight=1.0)

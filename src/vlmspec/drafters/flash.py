@@ -36,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from vlmspec.drafters.base import register_drafter
-from vlmspec.drafters.vision import (AttentionPool, Layout, Pairs, VisualDraftState, VisualFeatureDrafter, batch_pairs,
+from vlmspec.drafters.feature import FeatureDraftState
+from vlmspec.drafters.vision import (AttentionPool, Layout, Pairs, VisualFeatureDrafter, batch_pairs,
                                     build_layout, gather_runs, place_runs, rms_norm)
 from vlmspec.tree import Tree, TreeBuilder, TreeConfig
 from vlmspec.verify import SamplingConfig, warp_logits
@@ -100,7 +101,7 @@ class FlashDrafter(VisualFeatureDrafter):
         return self.heads[level - 1](embeddings, features)
 
     # ------------------------------------------------------------------ decoding
-    def propose(self, state: VisualDraftState, tree_config: TreeConfig, sampling: SamplingConfig,
+    def propose(self, state: FeatureDraftState, tree_config: TreeConfig, sampling: SamplingConfig,
                 generator: torch.Generator | None) -> Tree:
         k = self.config.tokens_per_forward
         builder = self.tree_builder(tree_config, state.root, sampling, generator)
@@ -126,7 +127,7 @@ class FlashDrafter(VisualFeatureDrafter):
             waiting = []
         return builder.build()
 
-    def _forward_levels(self, state: VisualDraftState, builder: TreeBuilder, waiting: list[int],
+    def _forward_levels(self, state: FeatureDraftState, builder: TreeBuilder, waiting: list[int],
                         frontier: list[int], node_feature: dict, node_pending: dict) -> None:
         """One decoder forward over the frontier and its waiting ancestors; sets the frontier's features."""
         needed = set(frontier)

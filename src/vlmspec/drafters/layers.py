@@ -63,9 +63,16 @@ class DraftDecoder(nn.Module):
         self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
 
     def new_cache(self):
+        """A growing cache for training (autograd sees each step's keys as new tensors)."""
         from transformers import DynamicCache
 
         return DynamicCache(config=self.config)
+
+    def new_decode_cache(self):
+        """A one-row preallocated cache written in place, for decoding (`target.cache.RowCache`)."""
+        from vlmspec.target.cache import RowCache
+
+        return RowCache(num_layers=1, rows=1)
 
     def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None, cache=None) -> Tensor:
         x = self.layer(x, attention_mask=mask, position_ids=positions if positions.dim() == 2 else None,

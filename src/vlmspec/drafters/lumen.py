@@ -10,8 +10,8 @@
 Both terms are linear maps initialised to zero, so an untrained Lumen is exactly its fusion-only core and the
 image terms grow only as far as training finds them useful. It is trained with the training-time test (3 steps)
 and a larger logit weight by default; any `LossConfig` option (ranking, self-correction, Seedream's sampled
-token and KV-consistency) can be turned on with `--loss`. The decode loop is EAGLE-2's (`EagleDrafter`): `extra`
-holds the per-pair image terms of the prompt pairs and `node_extra` the global term of every later pair.
+token and KV-consistency) can be turned on with `--loss`. The decode loop is EAGLE-2's (`EagleDrafter`): the per-pair image terms go
+into the prompt's entries and the global term into every later pair (`image_context`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from vlmspec.drafters.base import register_drafter
-from vlmspec.drafters.eagle import FeatureDraftState
 from vlmspec.drafters.eagle3 import FusionDrafter, parse_layers, rms_norm
-from vlmspec.train.losses import LossConfig
 
 
 @dataclass(frozen=True)
@@ -55,7 +53,9 @@ class LumenDrafter(FusionDrafter):
             if layer is not None:
                 nn.init.zeros_(layer.weight)
 
-    def default_loss_config(self) -> LossConfig:
+    def default_loss_config(self):
+        from vlmspec.train.losses import LossConfig
+
         return LossConfig(steps=3, feature_weight=1.0, logit_weight=0.5)
 
     def feature_layers(self) -> list[int]:
@@ -86,11 +86,9 @@ class LumenDrafter(FusionDrafter):
             return None
         return self.image_terms(batch.hidden_states[0], batch.image_mask)[0]
 
-    def begin(self, target, prefill, first_token: int) -> FeatureDraftState:
-        state = super().begin(target, prefill, first_token)
+    def image_context(self, prefill) -> tuple[Tensor | None, Tensor | None]:
         extra, term = self.image_terms(prefill.hidden_states[0], prefill.image_mask)
-        if extra is not None:
-            pad = extra.new_zeros(1, 1, extra.shape[-1]) if term is None else term[:, None]
-            state.extra = torch.cat([extra, pad], dim=1)[0]                           # [S, H]: + the first token
-            state.node_extra = term[0] if term is not None else None
-        return state
+        if extra is None:
+            return None, None
+        pad = extra.new_zeros(1, 1, extra.shape[-1]) if term is None else term[:, None]
+        return torch.cat([extra, pad], dim=1), (term[0] if term is not None else None)   # + the first token

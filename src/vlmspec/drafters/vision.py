@@ -33,14 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlmspec.drafters.base import DraftState, Drafter
-from vlmspec.drafters.layers import DraftDecoder, draft_layer_config
-from vlmspec.pending import PendingNodes
+from vlmspec.drafters.feature import FeatureDrafter
 from vlmspec.target.base import image_spans
-from vlmspec.target.cache import compact_cache
-from vlmspec.drafters.treedraft import draft_tree
-from vlmspec.tree import Tree, TreeConfig
-from vlmspec.verify import SamplingConfig
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -212,56 +206,20 @@ def place_runs(compressed: Tensor, runs: list[tuple[int, int, int, int]], layout
     return fixed, layout.compressed
 
 
-def entry_causal_mask(count: int, dtype: torch.dtype, device, prefix: int = 0) -> Tensor:
-    """Additive mask [1, 1, count, prefix + count]: new entries see the whole prefix and earlier new entries."""
-    allowed = torch.ones(count, prefix + count, dtype=torch.bool, device=device).tril(diagonal=prefix)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
-
-
 # ---------------------------------------------------------------------------------------------- the drafter
-@dataclass
-class VisualDraftState(DraftState):
-    cache: Any = None
-    root: int = 0                                # the last verified token (the next tree's root)
-    length: int = 0                              # committed entries in the draft cache
-    next_position: Tensor | None = None          # position of the next committed entry: [] ([3] for M-RoPE)
-    pending: PendingNodes = field(default_factory=lambda: PendingNodes.empty(1))
-    context: Tensor | None = None                # [H] context term of every decode-time pair (None: none)
-    catchup: Tensor | None = None                # [n, H] draft inputs of verified entries not yet in the cache …
-    catchup_positions: Tensor | None = None      # … and their positions [n] ([3, n] for M-RoPE)
-
-
-class VisualFeatureDrafter(Drafter):
-    """Base of msd / vispec / flash: an fc over [token embedding ; feature], one decoder layer, the target's
-    lm_head; subclasses define `slots_per_run`, `fixed_inputs` and `pair_context` (see the module docstring)."""
+class VisualFeatureDrafter(FeatureDrafter):
+    """Base of msd / vispec / flash: `feature.FeatureDrafter` at the target's own (M-RoPE) positions, whose prompt
+    entries follow a `Layout`; subclasses define `slots_per_run`, `fixed_inputs` and `pair_context` (see the
+    module docstring)."""
 
     slots_per_run: int | None = None             # entries per image run (None: no compression); set per instance
 
     def __init__(self, target, config):
-        super().__init__(target, config)
+        super().__init__(target, config, mrope=True)
         self.resolve_layer(config.feature_layer)
-        hidden = target.hidden_size
-        self.fc = nn.Linear(2 * hidden, hidden, bias=False)
-        layer_config = draft_layer_config(target.text_config, config.num_heads, config.intermediate_size,
-                                          mrope=True)
-        self.decoder = DraftDecoder(layer_config)
-        self.num_heads = layer_config.num_attention_heads
-
-    # ------------------------------------------------------------------ model pieces
-    def input_features(self, hidden_states) -> Tensor:
-        return hidden_states[self.resolve_layer(self.config.feature_layer)]
 
     def feature_layers(self) -> list[int]:
         return sorted({0, self.resolve_layer(self.config.feature_layer), self.target.num_layers})
-
-    def draft_logits(self, features: Tensor) -> Tensor:
-        return self.target.lm_head(features).float()                           # [..., V]
-
-    def text_inputs(self, tokens: Tensor, features: Tensor, context: Tensor | None) -> Tensor:
-        """tokens [B, n], features [B, n, H], context [B, n, H] or None → draft inputs [B, n, H]."""
-        embeddings = self.target.embed_tokens(tokens).to(features.dtype)      # [B, n, H]
-        return self.fc(torch.cat([embeddings, features], dim=-1))
 
     def fixed_inputs(self, pairs: Pairs, layout: Layout) -> tuple[Tensor, Tensor] | None:
         """Inputs [B, M, H] of entries that do not depend on (token, feature), and where [B, M] bool."""
@@ -298,61 +256,12 @@ class VisualFeatureDrafter(Drafter):
         return step, keep
 
     # ------------------------------------------------------------------ decoding
-    def begin(self, target, prefill, first_token: int) -> VisualDraftState:
-        if prefill.input_ids.shape[0] != 1:
-            raise ValueError(f"{self.drafter_type} decodes batch 1")
+    def prompt_entries(self, prefill, first_token: int) -> tuple[Tensor, Tensor, Tensor | None]:
         pairs = prompt_pairs(self, prefill, first_token)
         layout = build_layout(pairs, self.slots_per_run)
         _, decode_context = self.pair_context(pairs, layout)
         inputs = self.entry_inputs(pairs, layout)[0](layout.gather(pairs.tokens), layout.gather(pairs.features))
-        return VisualDraftState(root=first_token, cache=self.decoder.new_cache(),
-                                pending=PendingNodes.empty(1, inputs.device),
-                                context=None if decode_context is None else decode_context[0],
-                                catchup=inputs[0], catchup_positions=layout.positions[..., 0, :])
-
-    def _catch_up(self, state: VisualDraftState) -> Tensor:
-        """Run the verified entries into the cache (one forward); returns the last one's predicted feature [H]."""
-        count = state.catchup.shape[0]
-        mask = entry_causal_mask(count, state.catchup.dtype, state.catchup.device, prefix=state.length)
-        positions = state.catchup_positions                                    # [n] or [3, n]
-        out = self.decoder(state.catchup[None], positions.unsqueeze(-2), mask, state.cache)[0]   # [n, H]
-        state.forwards += 1
-        state.length += count
-        state.next_position = positions[..., -1] + 1             # the last entry is text: every axis alike
-        state.catchup = state.catchup_positions = None
-        return out[-1]
-
-    def _run_nodes(self, state: VisualDraftState, tokens: list[int], features: Tensor, parents: list[int]) -> Tensor:
-        """Feed pairs (tokens, features [n, H]) as pending nodes under `parents` (pending indices, -1: off the
-        committed prefix) in one forward; returns predicted features [n, H]."""
-        device = features.device
-        token_tensor = torch.tensor([tokens], device=device)                   # [1, n]
-        depths = state.pending.add(token_tensor, torch.tensor([parents], device=device))
-        mask = state.pending.attention_mask(state.length, len(tokens), features.dtype)
-        context = None if state.context is None else state.context.expand(len(tokens), -1)[None]
-        x = self.text_inputs(token_tensor, features[None], context)            # [1, n, H]
-        state.forwards += 1
-        positions = state.next_position[..., None, None] + depths              # [1, n] or [3, 1, n]
-        return self.decoder(x, positions, mask, state.cache)[0]
-
-    def propose(self, state: VisualDraftState, tree_config: TreeConfig, sampling: SamplingConfig,
-                generator: torch.Generator | None) -> Tree:
-        """EAGLE-2 drafting: one draft forward per tree level (flash overrides this)."""
-        root_feature = self._catch_up(state)
-        return draft_tree(self.tree_builder(tree_config, state.root, sampling, generator), root_feature,
-                          self.draft_logits,
-                          lambda tokens, features, parents: self._run_nodes(state, tokens, features, parents), sampling)
-
-    def accept(self, state: VisualDraftState, tree: Tree, path: list[int], verified, bonus: int) -> None:
-        compact_cache(state.cache, state.length, [])                           # drop the drafted nodes
-        state.pending.clear()
-        tokens = torch.tensor([tree.tokens[0, path[1:]].tolist() + [bonus]], device=tree.tokens.device)
-        features = self.input_features(verified.hidden_states)[:, path]        # [1, k+1, H]
-        context = None if state.context is None else state.context.expand(tokens.shape[1], -1)[None]
-        state.catchup = self.text_inputs(tokens, features, context)[0]         # [k+1, H]
-        state.catchup_positions = state.next_position[..., None] + torch.arange(tokens.shape[1],
-                                                                                device=tokens.device)
-        state.root = bonus
+        return inputs[0], layout.positions[..., 0, :], None if decode_context is None else decode_context[0]
 
     # ------------------------------------------------------------------ training
     def training_loss(self, batch, config):

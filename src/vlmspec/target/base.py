@@ -4,10 +4,13 @@ No modeling code is copied and nothing is set on the model: each call passes inp
 mask, explicit position ids and a cache object that lives in an explicit `TargetState`. Family differences
 (processor call, image-token ids, position scheme) live in small `Family` adapters (see `families.py`).
 
-Cache layout during a step: `[committed prefix (state.length tokens) | pending nodes]`. Pending nodes are
-appended by `extend` (a whole verify tree, or a draft model's tree level by level); each attends to the whole
-prefix and to its ancestors-or-self among the pending nodes. `commit(keep)` compacts the kept pending nodes (an
-accepted root-to-node path) right after the prefix and drops the rest.
+A state holds B rows (one per sequence) in a preallocated `RowCache`; row b's layout during a step is
+`[committed prefix (state.lengths[b] tokens) | pending nodes]`. Pending nodes are appended by `extend` (a whole
+verify tree, or a draft model's tree level by level; every row gets the same number, short trees are padded);
+each attends to its row's whole prefix and to its ancestors-or-self among the pending nodes, at position
+prefix length + depth. `commit_rows(paths)` compacts each row's kept pending nodes (an accepted root-to-node
+path) right after its prefix, in place, and drops the rest. `prefill` makes a one-row state; the batched engine
+moves rows in and out of one state between steps (`TargetState.add_row` / `remove_row`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import Tensor
 
 from vlmspec.inputs import Messages, resolve_prompt
 from vlmspec.pending import PendingNodes
+from vlmspec.target.cache import RowCache
 
 if TYPE_CHECKING:
     from vlmspec.target.families import Family
@@ -32,12 +36,50 @@ if TYPE_CHECKING:
 
 @dataclass
 class TargetState:
-    """Decode state of one sequence batch (batch 1 in the engine): the KV cache and the pending nodes."""
+    """Decode state of B sequences: the KV cache (one row each), committed lengths and the pending nodes."""
 
-    cache: Any
-    length: int                                      # committed tokens in the cache
-    pending: PendingNodes                            # uncommitted nodes after the prefix
-    position_offset: Tensor | None = None            # family-specific (M-RoPE delta), None for 1-D positions
+    cache: RowCache
+    lengths: list[int]                               # committed tokens per row
+    pending: PendingNodes                            # uncommitted nodes after each row's prefix
+    position_offset: Tensor | None = None            # [B, 1] family-specific (M-RoPE delta), None for 1-D positions
+
+    @property
+    def length(self) -> int:
+        """The committed length of a one-row state."""
+        if len(self.lengths) != 1:
+            raise ValueError(f"length is defined for one row, this state has {len(self.lengths)}")
+        return self.lengths[0]
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def add_row(self, other: "TargetState") -> int:
+        """Append the one committed row of `other` (e.g. a fresh prefill) as a new row; returns its index."""
+        if other.rows != 1 or len(other.pending) or len(self.pending):
+            raise ValueError("add_row takes a one-row state, both without pending nodes")
+        row = self.cache.add_row(other.cache, other.lengths[0])
+        self.lengths.append(other.lengths[0])
+        if other.position_offset is not None:
+            offsets = [] if self.position_offset is None else [self.position_offset]
+            self.position_offset = torch.cat(offsets + [other.position_offset])
+        self.pending = PendingNodes.empty(self.rows, self.pending.tokens.device)
+        return row
+
+    def remove_row(self, row: int) -> None:
+        """Drop row `row`; the last row moves into its place (rows stay packed at the front of the cache)."""
+        last = self.rows - 1
+        self.cache.move_row(last, row)
+        self.lengths[row] = self.lengths[last]
+        self.lengths.pop()
+        if self.position_offset is not None:
+            self.position_offset[row] = self.position_offset[last]
+            self.position_offset = self.position_offset[:last]
+        self.pending = PendingNodes.empty(self.rows, self.pending.tokens.device)
+
+    @classmethod
+    def empty(cls, num_layers: int, device: torch.device | str) -> "TargetState":
+        return cls(RowCache(num_layers), [], PendingNodes.empty(0, device))
 
 
 @dataclass
@@ -177,21 +219,26 @@ class Target:
     # ------------------------------------------------------------------ forward passes
     @torch.no_grad()
     def prefill(self, inputs: dict[str, Tensor]) -> tuple[TargetState, PrefillOutput]:
-        """Run the prompt (vision once) into a new cache; returns the state and what drafters need."""
-        input_ids = inputs["input_ids"]                                    # [B, S]
-        batch = input_ids.shape[0]
-        cache = self.family.new_cache(self.model)
+        """Run the prompt (vision once, the model's own causal mask) into a new one-row state; returns the state
+        and what drafters need."""
+        input_ids = inputs["input_ids"]                                    # [1, S]
+        batch, length = input_ids.shape
+        if batch != 1:
+            raise ValueError(f"prefill runs one sequence at a time, got a batch of {batch}")
+        prompt_cache = self.family.new_cache(self.model)
         positions, offset = self.family.prefill_positions(self.model, inputs)
         kwargs = dict(inputs)
         if positions is not None:
             kwargs["position_ids"] = positions
-        outputs = self.model(**kwargs, **{self._cache_kwarg: cache}, use_cache=True, output_hidden_states=True,
-                             logits_to_keep=1)
+        outputs = self.model(**kwargs, **{self._cache_kwarg: prompt_cache}, use_cache=True,
+                             output_hidden_states=True, logits_to_keep=1)
         if positions is None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(batch, -1)
+            positions = torch.arange(length, device=input_ids.device).expand(batch, -1)
         image_token = self.family.image_token_id(self.model)
         image_mask = input_ids == image_token if image_token is not None else torch.zeros_like(input_ids, dtype=torch.bool)
-        state = TargetState(cache=cache, length=input_ids.shape[1], pending=PendingNodes.empty(batch, input_ids.device),
+        cache = RowCache(self.num_layers)
+        cache.add_row(prompt_cache, length)
+        state = TargetState(cache=cache, lengths=[length], pending=PendingNodes.empty(1, input_ids.device),
                             position_offset=offset)
         result = PrefillOutput(logits=outputs.logits[:, -1].float(), hidden_states=tuple(outputs.hidden_states),
                                input_ids=input_ids, image_mask=image_mask, image_spans=image_spans(image_mask),
@@ -200,30 +247,35 @@ class Target:
 
     @torch.no_grad()
     def extend(self, state: TargetState, tokens: Tensor, parents: Tensor) -> NodesOutput:
-        """Append `tokens` [B, n] as pending nodes; `parents` [B, n] index the pending list (existing + new, a
-        parent before its child), -1 for a node hanging directly off the committed prefix."""
+        """Append `tokens` [B, n] as pending nodes of the B rows; `parents` [B, n] index each row's pending list
+        (existing + new, a parent before its child), -1 for a node hanging directly off the committed prefix."""
+        if tokens.shape[0] != state.rows:
+            raise ValueError(f"extend got {tokens.shape[0]} rows of nodes for a state of {state.rows} rows")
         depths = state.pending.add(tokens, parents)                           # [B, n]
         positions = self.family.node_positions(state, depths)
-        mask = state.pending.attention_mask(state.length, tokens.shape[1], self.dtype)  # [B, 1, n, length + P]
+        mask = state.pending.attention_mask(state.lengths, tokens.shape[1], self.dtype)  # [B, 1, n, span]
         outputs = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
                              **{self._cache_kwarg: state.cache}, use_cache=True, output_hidden_states=True)
         return NodesOutput(logits=outputs.logits.float(), hidden_states=tuple(outputs.hidden_states),
                            positions=positions)
 
     def verify(self, state: TargetState, tree: "Tree") -> NodesOutput:
-        """Score a whole draft tree in one forward: logits for the token after every node."""
+        """Score a batch of draft trees (one per row) in one forward: logits for the token after every node."""
         if len(state.pending):
             raise ValueError("verify needs a state with no pending nodes; commit first")
         return self.extend(state, tree.tokens, tree.parents)
 
     def commit(self, state: TargetState, keep: Sequence[int]) -> None:
-        """Keep pending nodes `keep` (a root-first path, indices into the pending list) after the prefix."""
-        from vlmspec.target.cache import compact_cache
+        """One-row state: keep pending nodes `keep` (a root-first path, indices into the pending list)."""
+        self.commit_rows(state, [keep])
 
-        if state.pending.tokens.shape[0] != 1:
-            raise ValueError("commit supports batch 1")
-        compact_cache(state.cache, start=state.length, keep=list(keep))
-        state.length += len(keep)
+    def commit_rows(self, state: TargetState, paths: Sequence[Sequence[int]]) -> None:
+        """Keep, in each row b, the pending nodes `paths[b]` right after its prefix (in place) and drop the rest."""
+        if len(paths) != state.rows:
+            raise ValueError(f"commit got {len(paths)} paths for {state.rows} rows")
+        for row, path in enumerate(paths):
+            state.cache.keep(row, state.lengths[row], path)
+            state.lengths[row] += len(path)
         state.pending.clear()
 
 

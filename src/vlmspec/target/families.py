@@ -77,8 +77,8 @@ class Family:
         return None, None
 
     def node_positions(self, state: "TargetState", depths: Tensor) -> Tensor:
-        """Positions of pending nodes: the prefix length plus depth below it. [B, n]"""
-        return state.length + depths
+        """Positions of pending nodes: each row's prefix length plus depth below it. [B, n]"""
+        return torch.tensor(state.lengths, device=depths.device)[:, None] + depths
 
 
 def plain_prompt(messages: Messages, image_token: str) -> str:

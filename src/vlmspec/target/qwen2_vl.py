@@ -4,7 +4,7 @@ Positions. Every token has a (temporal, height, width) position. Text tokens use
 an image's tokens lie on its grid, and the text after an image continues from the grid's largest position + 1, so
 the last prompt position is `S - 1 + rope_delta` with a per-sequence `rope_delta` (≤ 0). The prefill positions come
 from the model's own `get_rope_index`; the delta is kept in `TargetState.position_offset`, and a pending node at
-depth d gets `state.length + d + rope_delta` on all three axes — exactly what HF assigns to the same tokens fed as
+depth d gets `state.lengths[b] + d + rope_delta` on all three axes — exactly what HF assigns to the same tokens fed as
 a plain continuation (checked in tests/test_families.py).
 
 Inputs. Current transformers builds the composite `Qwen2VLProcessor` only with its video processor, which needs
@@ -125,5 +125,6 @@ class Qwen2VLFamily(Family):
 
     def node_positions(self, state: "TargetState", depths: Tensor) -> Tensor:
         """Text continues from the rope delta on all three axes. [3, B, n]"""
-        positions = state.length + depths + state.position_offset                         # [B, n]
+        lengths = torch.tensor(state.lengths, device=depths.device)[:, None]              # [B, 1]
+        positions = lengths + depths + state.position_offset                              # [B, n]
         return positions[None].expand(3, *positions.shape)

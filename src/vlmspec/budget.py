@@ -1,0 +1,79 @@
+"""The per-step tree budget under load: which tree the greedy rows of a batch draft, chosen from measured throughput.
+
+A batched step costs one target forward over every row's tree; c(k) grows with the total node count, so a tree that
+pays at batch 1 can lose at batch 16. The budget tries three arms per batch-size bucket — the configured tree, a
+smaller tree (half the depth and nodes), and no drafting at all (each greedy row verifies its root alone: plain
+decoding) — and keeps, for each, an exponential moving average of the tokens per second that steps with that arm
+delivered (tokens emitted by all rows ÷ the step's wall time, drafting included). After a few steps of each, it
+runs the best arm and re-tries the others every `explore_every` steps, so a change of acceptance or load is
+noticed. The schedule is deterministic given the measurements.
+
+Only greedy rows follow the budget: a greedy row's output does not depend on its tree (lossless either way), while
+a sampled row's random draws do, so sampled rows always draft the configured tree and a seeded request gets the
+same tokens whatever else runs beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+from vlmspec.tree import TreeConfig
+
+WARMUP = 2             # steps of each arm before exploiting
+SMOOTHING = 0.3        # weight of the newest measurement in the moving average
+
+
+def smaller_tree(tree: TreeConfig) -> TreeConfig:
+    """Half the depth and node budget (at least 1 each)."""
+    return dataclasses.replace(tree, depth=max(1, tree.depth // 2), total_tokens=max(1, tree.total_tokens // 2))
+
+
+def bucket(batch: int) -> int:
+    """Batch sizes grouped by powers of two: 1, 2, 3–4, 5–8, …; the bucket is the group's upper bound."""
+    return 1 << (batch - 1).bit_length()
+
+
+class TreeBudget:
+    """Measured choice among `arms` (trees; None = no drafting) per batch-size bucket."""
+
+    def __init__(self, tree: TreeConfig, explore_every: int = 16):
+        arms: list[TreeConfig | None] = [tree]
+        if smaller_tree(tree) != tree:
+            arms.append(smaller_tree(tree))
+        self.arms = arms + [None]
+        self.explore_every = explore_every
+        self._rate: dict[tuple[int, int], float] = {}                 # (bucket, arm) → tokens/s
+        self._count: dict[tuple[int, int], int] = defaultdict(int)
+        self._steps: dict[int, int] = defaultdict(int)
+
+    def choose(self, batch: int) -> int:
+        """The arm index for the next step at this batch size."""
+        group = bucket(batch)
+        self._steps[group] += 1
+        untried = [arm for arm in range(len(self.arms)) if self._count[group, arm] < WARMUP]
+        if untried:
+            return untried[0]
+        ranked = sorted(range(len(self.arms)), key=lambda arm: -self._rate[group, arm])
+        if self._steps[group] % self.explore_every == 0:
+            return ranked[1 + (self._steps[group] // self.explore_every) % (len(ranked) - 1)]
+        return ranked[0]
+
+    def record(self, batch: int, arm: int, tokens: int, seconds: float) -> None:
+        key = (bucket(batch), arm)
+        rate = tokens / max(seconds, 1e-9)
+        self._rate[key] = rate if key not in self._rate else (1 - SMOOTHING) * self._rate[key] + SMOOTHING * rate
+        self._count[key] += 1
+
+    def rates(self) -> dict[int, dict[str, float]]:
+        """Measured tokens/s per bucket and arm (for reports)."""
+        out: dict[int, dict[str, float]] = defaultdict(dict)
+        for (group, arm), rate in sorted(self._rate.items()):
+            out[group][arm_name(self.arms[arm])] = rate
+        return dict(out)
+
+
+def arm_name(tree: TreeConfig | None) -> str:
+    if tree is None:
+        return "none"
+    return f"{tree.kind}/d{tree.depth}" + ("" if tree.kind == "chain" else f"/k{tree.topk}/{tree.total_tokens}")

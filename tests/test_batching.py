@@ -1,0 +1,173 @@
+"""The batched engine (continuous batching): every request's output in a mixed batch equals its output alone and
+the target's own `model.generate`, for every family × every drafter type × chain and dynamic trees; seeded
+sampling repeats in a batch; the sampled distribution at batch > 1 is the target's; cancelling one request leaves
+the others unchanged; requests join mid-flight.
+
+Mixed batches: different prompt lengths, 0/1/2 images, different budgets and stop strings, `max_batch` below the
+number of requests so that rows finish early and waiting requests join the running batch.
+Near ties follow DESIGN (a flip is excused only under a top-2 margin of 1e-4; more than 5% excused cases fail):
+a batched forward may round differently from a one-row forward."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from vlmspec import Engine, Generator, RequestCancelled, Target, TreeConfig, available_drafters, build_drafter
+from vlmspec.testing import FAMILIES, compare_greedy, random_image, save_tiny_model
+from vlmspec.verify import SamplingConfig, target_probs
+
+TREES = [TreeConfig("chain", depth=3), TreeConfig("dynamic", depth=3, topk=3, total_tokens=8)]
+WORDS = "the cat sat on a red mat what color is it describe image two blue circles count top left".split()
+MAX_EXCUSED = 0.05
+
+
+def make_requests(family: str, seed: int) -> list[dict]:
+    """Six requests: prompts of 1–9 words, 0/1/2 images (none for a text-only target), budgets 3–14."""
+    rng = random.Random(seed)
+    requests = []
+    for index in range(6):
+        images = [] if family == "llama" else [random_image(rng) for _ in range(index % 3)]
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 9)))
+        prompt = " ".join(["<image>"] * len(images) + [words]) if index % 2 else words
+        requests.append({"images": images, "prompt": prompt, "max_new_tokens": [14, 3, 9, 12, 5, 10][index]})
+    return requests
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_setup(request, tmp_path_factory):
+    family = request.param
+    directory = save_tiny_model(tmp_path_factory.mktemp(family), family, lm_head_scale=8.0, attention_scale=4.0)
+    target = Target.from_pretrained(directory, dtype=torch.float32)
+    requests = make_requests(family, seed=len(family))
+    references = []
+    for kwargs in requests:
+        inputs = target.encode(kwargs["images"], prompt=kwargs["prompt"])
+        with torch.no_grad():
+            out = target.model.generate(**inputs, do_sample=False, max_new_tokens=kwargs["max_new_tokens"])
+        references.append((inputs, out[0, inputs["input_ids"].shape[1]:].tolist()))
+    # a stop string for request 3, taken from the middle of its plain answer (stop strings end a row early)
+    text = Generator(target).generate(**requests[3]).text
+    stop = text[len(text) // 2:][:2]
+    if stop.strip():
+        requests[3]["stop"] = [stop]
+        references[3] = (references[3][0], Generator(target).generate(**requests[3]).token_ids)
+    return family, directory, target, requests, references
+
+
+def drafters_of(target: Target, directory) -> dict[str, object]:
+    return {name: build_drafter(name, target, model=str(directory)) if name == "draft-model"
+            else build_drafter(name, target, seed=1) for name in available_drafters()}
+
+
+def test_mixed_batch_equals_alone_and_model_generate(family_setup):
+    family, directory, target, requests, references = family_setup
+    outcomes, failures = Counter(), []
+    for (name, drafter), tree in itertools.product(drafters_of(target, directory).items(), TREES):
+        generator = Generator(target, drafter, tree)
+        batch = generator.generate_batch(requests, max_batch=4)
+        for index, (kwargs, result, (inputs, reference)) in enumerate(zip(requests, batch, references)):
+            alone = generator.generate(**kwargs)
+            for what, other in (("alone", alone.token_ids), ("generate", reference)):
+                outcome = compare_greedy(target.model, inputs, result.token_ids, other)
+                outcomes[outcome] += 1
+                if outcome == "different":
+                    failures.append((family, name, tree.kind, index, what, result.token_ids, other))
+            assert result.stats.new_tokens == len(result.token_ids) <= kwargs["max_new_tokens"]
+    assert not failures, failures[:3]
+    assert outcomes["near-tie"] <= MAX_EXCUSED * sum(outcomes.values()), outcomes
+
+
+def test_rows_join_mid_flight_and_batch_grows(family_setup):
+    family, directory, target, requests, references = family_setup
+    engine = Engine(target, build_drafter("eagle", target, seed=1), TreeConfig("chain", depth=3), max_batch=8)
+    first = [engine.submit(**requests[0]), engine.submit(**requests[3])]
+    engine.step()
+    engine.step()
+    later = [engine.submit(**kwargs) for kwargs in requests[1:3]]
+    assert engine.num_waiting == 2
+    results = engine.run(first + later)
+    sizes = [size for handle in first for size in handle.stats.batch_size_per_step]
+    assert max(sizes) >= 3, sizes                              # the late requests ran beside the early ones
+    for result, index in zip(results, [0, 3, 1, 2]):
+        inputs, reference = references[index]
+        assert compare_greedy(target.model, inputs, result.token_ids, reference) != "different"
+    assert engine.state.rows == 0 and engine.num_running == 0
+
+
+def test_cancel_frees_the_row_and_leaves_others_unchanged(family_setup):
+    family, directory, target, requests, _ = family_setup
+    generator = Generator(target, build_drafter("eagle", target, seed=1), TreeConfig("dynamic", depth=3, topk=2,
+                                                                                       total_tokens=5))
+    engine = generator.engine(max_batch=4)
+    handles = [engine.submit(**kwargs) for kwargs in requests[:4]]
+    victim = handles[0]
+    engine.step()
+    engine.cancel(victim)
+    engine.step()
+    assert victim.done and engine.state.rows == len(engine.running) and victim not in engine.running
+    with pytest.raises(RequestCancelled):
+        victim.result()
+    for handle, kwargs in zip(handles[1:], requests[1:4]):
+        assert handle.result().token_ids == generator.generate(**kwargs).token_ids
+
+
+@pytest.mark.parametrize("drafter_name", ["none", "eagle", "prompt-lookup"])
+def test_seeded_sampling_in_a_batch_equals_alone(family_setup, drafter_name):
+    family, directory, target, requests, _ = family_setup
+    drafter = None if drafter_name == "none" else build_drafter(drafter_name, target, seed=1)
+    generator = Generator(target, drafter, TreeConfig("dynamic", depth=3, topk=3, total_tokens=8))
+    sampled = [{**kwargs, "temperature": 0.9, "top_p": 0.95, "seed": 100 + i} for i, kwargs in enumerate(requests)]
+    batch = generator.generate_batch(sampled, max_batch=3)
+    alone = [generator.generate(**kwargs) for kwargs in sampled]
+    mismatches = [i for i, (a, b) in enumerate(zip(batch, alone)) if a.token_ids != b.token_ids]
+    assert not mismatches, [(batch[i].token_ids, alone[i].token_ids) for i in mismatches]
+
+
+def test_sampled_distribution_at_batch_sixteen(tmp_path):
+    """Three tokens sampled with top_k=3 (27 outcomes) by 480 seeded requests run 16 at a time, drafted by a
+    related but different small model (it agrees only sometimes, so both acceptance and rejection happen): the
+    empirical joint distribution is the target's, by total variation."""
+    target = Target.from_pretrained(save_tiny_model(tmp_path / "t", "llama", lm_head_scale=3.0), dtype=torch.float32)
+    draft_dir = save_tiny_model(tmp_path / "d", "llama", lm_head_scale=1.5, tokenizer=target.tokenizer)
+    drafter = build_drafter("draft-model", target, model=str(draft_dir))
+    sampling = SamplingConfig(temperature=1.0, top_k=3)
+    inputs = target.encode(prompt="the cat sat")
+    exact = exact_joint(target, inputs, sampling, length=3)
+    samples = 480
+    requests = [{"prompt": "the cat sat", "max_new_tokens": 3, "temperature": 1.0, "top_k": 3, "seed": seed}
+                for seed in range(samples)]
+    results = Generator(target, drafter, TreeConfig("dynamic", depth=2, topk=2, total_tokens=4)).generate_batch(
+        requests, max_batch=16)
+    counts = Counter(tuple(result.token_ids) for result in results)
+    assert set(counts) <= set(exact), set(counts) - set(exact)
+    tv = 0.5 * sum(abs(counts[key] / samples - p) for key, p in exact.items())
+    # E[TV] <= 0.5 * sum sqrt(p / n) <= 0.5 * sqrt(27 / 480) ≈ 0.12; a biased sampler sits far above 0.18
+    assert tv < 0.18, tv
+    accepted = sum(sum(r.stats.accepted_per_step) for r in results)
+    drafted = sum(len(r.stats.accepted_per_step) for r in results)
+    assert 0 < accepted < 2 * drafted, (accepted, drafted)     # drafts were accepted and rejected
+
+
+@torch.no_grad()
+def exact_joint(target: Target, inputs: dict, sampling: SamplingConfig, length: int) -> dict[tuple[int, ...], float]:
+    """The target's exact distribution of its first `length` sampled tokens (support enumerated)."""
+    joint = {(): 1.0}
+    for _ in range(length):
+        extended = {}
+        for prefix, p in joint.items():
+            if prefix and prefix[-1] in target.eos_token_ids:         # the answer ended
+                extended[prefix] = p
+                continue
+            kwargs = dict(inputs)
+            kwargs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([prefix], dtype=torch.long)], dim=1)
+            kwargs["attention_mask"] = torch.ones_like(kwargs["input_ids"])
+            probs = target_probs(target.model(**kwargs).logits[0, -1].double(), sampling)
+            for token in torch.nonzero(probs).flatten().tolist():
+                extended[prefix + (token,)] = p * float(probs[token])
+        joint = extended
+    return joint
