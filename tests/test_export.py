@@ -6,7 +6,9 @@ The format's facts come from its sources, read (not copied) for this project:
   src/speculators/model.py (DraftVocabMixin: d2t offsets, t2d mask), src/speculators/models/eagle3/core.py and
   model_definitions.py (weight names, the 2H-wide first layer);
 - vllm-project/vllm vllm/transformers_utils/configs/speculators/algos.py (update_eagle3) and
-  vllm/model_executor/models/llama_eagle3.py (the loader: fc over 3 layers, d2t, midlayer → layers.0).
+  vllm/model_executor/models/llama_eagle3.py (the loader: fc over 3 layers, d2t, midlayer → layers.0);
+- sgl-project/sglang python/sglang/srt/models/llama_eagle3.py (SGLang's layout: flat config, midlayer.*) and
+  python/sglang/srt/models/llama.py (set_eagle3_layers_to_capture: an SGLang layer id is ours - 1).
 Where the `speculators` package imports (it pins other transformers versions: install it with --no-deps into a
 separate folder on PYTHONPATH), the exported config is validated by its own classes and our drafter is compared
 with its own Eagle3DraftModel; otherwise the config is checked against the field list below.
@@ -25,6 +27,7 @@ from train_fixtures import tiny  # noqa: F401  (pytest fixture)
 from vlmspec.cli import main
 from vlmspec.drafters import build_drafter, load_drafter, recommended_tree, save_drafter
 from vlmspec.drafters.layers import causal_mask
+from vlmspec.drafters.sglang import save_sglang
 from vlmspec.drafters.speculators import check_exportable, save_speculators
 from vlmspec.engine import Generator
 from vlmspec.target import Target
@@ -126,6 +129,25 @@ def test_exported_layout(testbed, tmp_path):
     assert d2t.dtype == torch.int64 and t2d.dtype == torch.bool and int(t2d.sum()) == 200
     assert torch.equal(torch.arange(200) + d2t, drafter.draft_ids)
     assert torch.equal(t2d.nonzero().flatten(), drafter.draft_ids)
+
+
+def test_sglang_layout_round_trip(testbed, image, tmp_path):
+    drafter = speculators_drafter(testbed, draft_vocab=300, seed=4)
+    save_sglang(drafter, tmp_path, "testbed", 3)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["draft_vocab_size"] == 300
+    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [i - 1 for i in drafter.layers]
+    assert config["hidden_size"] == testbed.hidden_size and config["num_hidden_layers"] == 1
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    assert "midlayer.self_attn.q_proj.weight" in tensors and not any(k.startswith("layers.") for k in tensors)
+    imported = load_drafter(tmp_path, testbed)
+    assert imported.layers == drafter.layers
+    assert drafted_trees(testbed, drafter, image) == drafted_trees(testbed, imported, image)
+    with pytest.raises(ValueError, match="norm_before_residual=true"):
+        save_sglang(speculators_drafter(testbed, norm_before_residual=True), tmp_path / "no", "testbed", 3)
+    no_ids = edited(tmp_path / "default_ids", tmp_path, lambda c: c.pop("eagle_config"))
+    count = testbed.num_layers                        # SGLang's and vLLM's default taps, in our indices
+    assert load_drafter(no_ids, testbed).layers == [2, count // 2, count - 3]
 
 
 def speculators_or_skip():

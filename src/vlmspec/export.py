@@ -1,6 +1,7 @@
-"""`vlmspec export`: write a trained drafter in a format an inference engine loads (today: `speculators`, the
-EAGLE-3 layout vLLM reads; see `vlmspec.drafters.speculators`). The way back needs no command: `--drafter DIR` /
-`load_drafter(DIR, target)` load such a directory as an `eagle3` drafter.
+"""`vlmspec export`: write a trained drafter in a format an inference engine loads: `speculators` (the EAGLE-3
+layout vLLM reads, `vlmspec.drafters.speculators`) or `sglang` (EAGLE-3's original layout that SGLang and SpecForge
+use, `vlmspec.drafters.sglang`). The way back needs no command: `--drafter DIR` / `load_drafter(DIR, target)` load
+either as an `eagle3` drafter.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ def export_drafter(drafter: str, out: str | Path, target: str = "testbed", forma
     drafter's recommended tree, else 3)."""
     from vlmspec.drafters import load_drafter, recommended_tree
     from vlmspec.drafters.base import read_drafter_meta, resolve_drafter_path
-    from vlmspec.drafters.speculators import FORMATS, REFUSALS, save_speculators
+    from vlmspec.drafters.sglang import save_sglang
+    from vlmspec.drafters.speculators import REFUSALS, save_speculators
     from vlmspec.target import Target
     from vlmspec.target.base import resolve_target_path
 
-    if format not in FORMATS:
-        raise ValueError(f"unknown export format {format!r}; available: {', '.join(FORMATS)}")
+    writers = {"speculators": save_speculators, "sglang": save_sglang}
+    if format not in writers:
+        raise ValueError(f"unknown export format {format!r}; available: {', '.join(writers)}")
     meta = read_drafter_meta(resolve_drafter_path(drafter))
     kind = meta["drafter_type"]
     if kind in REFUSALS:                             # refuse before loading a target the export could not use
@@ -35,7 +38,7 @@ def export_drafter(drafter: str, out: str | Path, target: str = "testbed", forma
         tree = recommended_tree(drafter)
         speculative_tokens = tree.depth if tree is not None else 3
     verifier = verifier or str(resolve_target_path(target).resolve())
-    return save_speculators(loaded, out, verifier, speculative_tokens)
+    return writers[format](loaded, out, verifier, speculative_tokens)
 
 
 def export_command(args: argparse.Namespace) -> int:
@@ -46,19 +49,21 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    parser = sub.add_parser("export", help="write a trained eagle3 drafter in the format vLLM loads",
-                            description="Write a trained drafter in the EAGLE-3 layout of the speculators format "
-                                        "(config.json + model.safetensors) that vLLM serves with --speculative-"
-                                        "config. Only eagle3 drafters trained with layout=speculators map onto it "
-                                        "exactly; other drafters are refused with what would be lost. Such a "
-                                        "directory loads back with --drafter DIR.")
+    parser = sub.add_parser("export", help="write a trained eagle3 drafter in the format vLLM or SGLang loads",
+                            description="Write a trained drafter as an EAGLE-3 checkpoint (config.json + "
+                                        "model.safetensors): --format speculators for vLLM (--speculative-config), "
+                                        "--format sglang for SGLang (--speculative-algorithm EAGLE3). Only eagle3 "
+                                        "drafters trained with layout=speculators map onto it exactly; other "
+                                        "drafters are refused with what would be lost. Either directory loads back "
+                                        "with --drafter DIR.")
     parser.add_argument("--drafter", required=True, help="a drafter checkpoint directory or testbed:<type>")
     parser.add_argument("--target", default="testbed", help="the drafter's target: a model directory or 'testbed'")
-    parser.add_argument("--format", default="speculators", choices=["speculators"], help="the output format")
+    parser.add_argument("--format", default="speculators", choices=["speculators", "sglang"],
+                        help="speculators (vLLM, default) or sglang (SGLang / SpecForge)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--verifier", default=None,
                         help="the target as the engine names it (HF id or path) for speculators_config.verifier; "
-                             "default: the target's directory")
+                             "default: the target's directory (the sglang layout has no such field)")
     parser.add_argument("--speculative-tokens", type=int, default=None,
                         help="draft tokens the checkpoint proposes (vLLM's default num_speculative_tokens); "
                              "default: the depth of the drafter's recommended tree, else 3")

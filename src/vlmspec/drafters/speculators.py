@@ -1,5 +1,6 @@
 """The EAGLE-3 layout of the `speculators` format (what vLLM loads): export an `eagle3` drafter of
-`layout="speculators"`, and load such a checkpoint (from vlmspec, speculators or SpecForge) as one.
+`layout="speculators"`, and load such a checkpoint (from vlmspec, speculators, or SGLang's / SpecForge's own layout
+via `vlmspec.drafters.sglang`) as one.
 
 A checkpoint is a directory with `config.json` and `model.safetensors`. Facts read from the format's sources
 (nothing copied; the tests cite the same files):
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
     from vlmspec.drafters.eagle3 import Eagle3Drafter
     from vlmspec.target import Target
 
-FORMATS = ("speculators",)
 
 # What exporting each other drafter type would lose (the format has one EAGLE-3 layout, no image inputs).
 REFUSALS = {
@@ -150,11 +150,16 @@ def save_speculators(drafter: "Drafter", directory: str | Path, verifier: str, s
 
 # ---------------------------------------------------------------------------------------------------- import
 def read_config(directory: Path) -> dict[str, Any] | None:
-    """The config of a speculators checkpoint directory, None for anything else."""
+    """The config of a speculators checkpoint directory (an SGLang / SpecForge EAGLE-3 one translated to it, see
+    `vlmspec.drafters.sglang`), None for anything else."""
+    from vlmspec.drafters.sglang import as_speculators_config, is_sglang_config
+
     try:
         config = json.loads((Path(directory) / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    if is_sglang_config(config):
+        return as_speculators_config(config)
     return config if isinstance(config, dict) and "speculators_model_type" in config else None
 
 
