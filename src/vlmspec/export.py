@@ -21,7 +21,7 @@ def export_drafter(drafter: str, out: str | Path, target: str = "testbed", forma
     from vlmspec.drafters import load_drafter, recommended_tree
     from vlmspec.drafters.base import read_drafter_meta, resolve_drafter_path
     from vlmspec.drafters.sglang import save_sglang
-    from vlmspec.drafters.speculators import REFUSALS, save_speculators
+    from vlmspec.drafters.speculators import refusal, save_speculators
     from vlmspec.target import Target
     from vlmspec.target.base import resolve_target_path
 
@@ -29,9 +29,9 @@ def export_drafter(drafter: str, out: str | Path, target: str = "testbed", forma
     if format not in writers:
         raise ValueError(f"unknown export format {format!r}; available: {', '.join(writers)}")
     meta = read_drafter_meta(resolve_drafter_path(drafter))
-    kind = meta["drafter_type"]
-    if kind in REFUSALS:                             # refuse before loading a target the export could not use
-        raise ValueError(f"cannot export a {kind} drafter to the {format} format: {REFUSALS[kind]}")
+    reason = refusal(meta["drafter_type"], (meta.get("config") or {}).get("layout", "fc"))
+    if reason:                                       # before loading a target the export could not use
+        raise ValueError(reason)
     loaded_target = Target.from_pretrained(target, dtype=dtype)
     loaded = load_drafter(drafter, loaded_target)
     if speculative_tokens is None:

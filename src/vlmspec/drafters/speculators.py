@@ -57,20 +57,26 @@ AUX_LAYERS = 3                          # vLLM's fc reads exactly three target l
 
 
 # ---------------------------------------------------------------------------------------------------- export
+def refusal(drafter_type: str, layout: str | None) -> str | None:
+    """Why a drafter of this type (and eagle3 layout) cannot be written as EAGLE-3, in one line; None if it can."""
+    if drafter_type != "eagle3":
+        reason = REFUSALS.get(drafter_type, "only EAGLE-3 drafters have an EAGLE-3 layout")
+        return f"cannot export a {drafter_type} drafter as EAGLE-3: {reason}"
+    if layout != "speculators":
+        return ("cannot export this eagle3 drafter: its layout is 'fc' (fc over [embedding ; fused feature] before "
+                "a standard layer, per-layer fusion norms), while EAGLE-3's layer reads [embedding ; hidden] 2H-wide "
+                "from raw target layers; train with --drafter-option layout=speculators")
+    return None
+
+
 def check_exportable(drafter: "Drafter") -> None:
     """A one-line ValueError saying what the format cannot hold, unless `drafter` maps onto it exactly."""
-    kind = drafter.drafter_type
-    if kind != "eagle3":
-        reason = REFUSALS.get(kind, "the format holds only EAGLE-3 drafters")
-        raise ValueError(f"cannot export a {kind} drafter to the speculators format: {reason}")
-    if drafter.config.layout != "speculators":
-        raise ValueError("cannot export this eagle3 drafter: its layout is 'fc' (fc over [embedding ; fused "
-                         "feature] before a standard layer, per-layer fusion norms), while the format's layer reads "
-                         "[embedding ; hidden] 2H-wide from raw target layers; train with --drafter-option "
-                         "layout=speculators")
+    reason = refusal(drafter.drafter_type, getattr(drafter.config, "layout", None))
+    if reason:
+        raise ValueError(reason)
     layers, count = list(drafter.layers), drafter.target.num_layers
     if len(layers) != AUX_LAYERS or not all(1 <= layer < count for layer in layers):
-        raise ValueError(f"cannot export: vLLM fuses exactly {AUX_LAYERS} target layers with ids 1 … {count - 1} "
+        raise ValueError(f"cannot export: vLLM and SGLang fuse exactly {AUX_LAYERS} target layers with ids 1 … {count - 1} "
                          f"(the input of decoder layer i); this drafter fuses {layers}")
 
 
