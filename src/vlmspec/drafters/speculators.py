@@ -76,8 +76,8 @@ def check_exportable(drafter: "Drafter") -> None:
         raise ValueError(reason)
     layers, count = list(drafter.layers), drafter.target.num_layers
     if len(layers) != AUX_LAYERS or not all(1 <= layer < count for layer in layers):
-        raise ValueError(f"cannot export: vLLM and SGLang fuse exactly {AUX_LAYERS} target layers with ids 1 … {count - 1} "
-                         f"(the input of decoder layer i); this drafter fuses {layers}")
+        raise ValueError(f"cannot export: vLLM and SGLang fuse exactly {AUX_LAYERS} target layers with ids "
+                         f"1 … {count - 1} (the input of decoder layer i); this drafter fuses {layers}")
 
 
 def export_config(drafter: "Eagle3Drafter", verifier: str, speculative_tokens: int) -> dict[str, Any]:
