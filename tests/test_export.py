@@ -33,6 +33,7 @@ from vlmspec.engine import Generator
 from vlmspec.target import Target
 from vlmspec.testing import random_image
 from vlmspec.train.data import CollectedData
+from vlmspec.train.losses import LossConfig
 from vlmspec.train.trainer import TrainConfig, train
 from vlmspec.tree import TreeConfig
 from vlmspec.verify import SamplingConfig, verify_greedy
@@ -297,3 +298,19 @@ def test_training_chooses_the_most_frequent_tokens_and_stays_lossless(tiny, tmp_
     plain = Generator(target).generate(prompt="how are you", max_new_tokens=12)
     result = Generator(target, reloaded.eval(), TREE).generate(prompt="how are you", max_new_tokens=12)
     assert result.token_ids == plain.token_ids
+
+
+@pytest.mark.parametrize("options", ["", "feature_noise=0.1", "ranking_weight=0.5", "self_correction=true",
+                                     "sampled_token=true", "steps=3,kv_consistency_weight=0.5"])
+def test_every_loss_option_trains_the_speculators_layout(tiny, options):
+    target, _, _, data = tiny
+    drafter = build_drafter("eagle3", target, layout="speculators").float().train()
+    config = LossConfig.parse(options, drafter.default_loss_config())
+    loss, metrics = drafter.training_loss(CollectedData([data], drafter.feature_layers(), target).batch([0, 3, 5]),
+                                          config)
+    loss.backward()
+    assert torch.isfinite(loss) and f"acc@{config.steps}" in metrics
+    assert drafter.lm_head.weight.grad.abs().sum() > 0 and drafter.fuse.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="feature_weight=0"):
+        drafter.training_loss(CollectedData([data], drafter.feature_layers(), target).batch([0]),
+                              LossConfig.parse("feature_weight=0.5", config))
