@@ -191,6 +191,52 @@ def test_same_logits_as_the_speculators_model(testbed, tmp_path, norm_before_res
     torch.testing.assert_close(ours, captured[0].float(), atol=1e-4, rtol=1e-4)
 
 
+def test_loads_a_checkpoint_written_by_speculators(testbed, tmp_path):
+    """A checkpoint saved by speculators' own Eagle3DraftModel (grouped key/value heads, reduced vocabulary, its
+    own config spelling) loads as our eagle3 and computes the same logits."""
+    config_class, model_class = speculators_or_skip()
+    from speculators import SpeculatorsConfig, VerifierConfig
+    from speculators.proposals import GreedyTokenProposalConfig
+    from transformers import LlamaConfig
+
+    text = testbed.text_config
+    layer = LlamaConfig(vocab_size=testbed.vocab_size, hidden_size=testbed.hidden_size, num_hidden_layers=1,
+                        intermediate_size=2 * testbed.hidden_size, num_attention_heads=text.num_attention_heads,
+                        num_key_value_heads=2, head_dim=testbed.hidden_size // text.num_attention_heads,
+                        rms_norm_eps=text.rms_norm_eps, tie_word_embeddings=False)
+    layer._attn_implementation = "eager"
+    proposal = GreedyTokenProposalConfig(speculative_tokens=4)
+    config = config_class.registry["eagle3"](
+        transformer_layer_config=layer, draft_vocab_size=300, norm_before_residual=False,
+        eagle_aux_hidden_state_layer_ids=[3, 7, 12],
+        speculators_config=SpeculatorsConfig(algorithm="eagle3", proposal_methods=[proposal],
+                                             default_proposal_method="greedy",
+                                             verifier=VerifierConfig(name_or_path=None, architectures=[])))
+    torch.manual_seed(0)
+    reference = model_class(config).eval()
+    ids = torch.randperm(testbed.vocab_size)[:300].sort().values
+    with torch.no_grad():
+        reference.embed_tokens.weight.copy_(testbed.embed_tokens.weight)
+        reference.lm_head.weight.normal_(0, 0.05)
+        reference.d2t.copy_(ids - torch.arange(300))
+        reference.t2d.zero_()
+        reference.t2d[ids] = True
+    reference.save_pretrained(tmp_path)
+    drafter = load_drafter(tmp_path, testbed)
+    assert drafter.layers == [3, 7, 12] and drafter.decoder.config.num_key_value_heads == 2
+    assert torch.equal(drafter.draft_ids, ids) and recommended_tree(tmp_path) == TreeConfig(kind="chain", depth=4)
+    _, prefill = testbed.prefill(testbed.encode(prompt="three green triangles"))
+    tokens, count = prefill.input_ids[:, 1:], prefill.input_ids.shape[1] - 1
+    captured = []
+    reference.lm_head.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    with torch.no_grad():
+        aux = torch.cat([prefill.hidden_states[layer] for layer in drafter.layers], dim=-1)[:, :-1]
+        reference(hidden_states=aux, input_ids=tokens, document_ids=torch.zeros_like(tokens), ttt_steps=1)
+        features = drafter(tokens, drafter.input_features(prefill.hidden_states)[:, :-1],
+                           torch.arange(count)[None], causal_mask(count, torch.float32))
+    torch.testing.assert_close(drafter.vocab_logits(features), captured[0].float(), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("drafter_type", ["eagle", "msd", "vispec", "flash", "lumen", "prompt-lookup"])
 def test_other_types_are_refused_with_what_would_be_lost(testbed, drafter_type):
     with pytest.raises(ValueError, match=f"cannot export a {drafter_type} drafter") as error:

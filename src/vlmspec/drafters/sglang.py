@@ -42,7 +42,7 @@ def save_sglang(drafter: "Drafter", directory: str | Path, verifier: str, specul
               "draft_vocab_size": spec["draft_vocab_size"], "target_hidden_size": spec["target_hidden_size"],
               "eagle_config": {"use_aux_hidden_state": True,
                                "eagle_aux_hidden_state_layer_ids": [i - 1 for i in drafter.layers]},
-              "torch_dtype": spec["torch_dtype"], "vlmspec_version": __version__}
+              "dtype": spec["dtype"], "torch_dtype": spec["torch_dtype"], "vlmspec_version": __version__}
     tensors = {name.replace("layers.0.", "midlayer.", 1) if name.startswith("layers.0.") else name: tensor
                for name, tensor in export_tensors(drafter).items()}
     directory = Path(directory)

@@ -97,7 +97,7 @@ def export_config(drafter: "Eagle3Drafter", verifier: str, speculative_tokens: i
     greedy = {"proposal_type": "greedy", "speculative_tokens": speculative_tokens, "verifier_accept_k": 1,
               "accept_tolerance": 0.0}
     return {
-        "architectures": ["Eagle3Speculator"],
+        "architectures": ["Eagle3DraftModel"],            # what speculators' own save writes (engines ignore it)
         "speculators_model_type": "eagle3",
         "transformer_layer_config": layer_config,
         "draft_vocab_size": drafter.draft_ids.numel(),
@@ -112,7 +112,8 @@ def export_config(drafter: "Eagle3Drafter", verifier: str, speculative_tokens: i
             "verifier": {"name_or_path": verifier,
                          "architectures": list(getattr(target.config, "architectures", None) or [target.architecture])},
         },
-        "torch_dtype": str(drafter.fuse.weight.dtype).removeprefix("torch."),
+        "dtype": str(drafter.fuse.weight.dtype).removeprefix("torch."),
+        "torch_dtype": str(drafter.fuse.weight.dtype).removeprefix("torch."),   # the name before transformers 5
         "vlmspec_version": __version__,
     }
 
