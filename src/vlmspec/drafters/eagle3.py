@@ -12,7 +12,7 @@ Two layouts of the draft layer:
 - `speculators`: EAGLE-3 as vLLM and SGLang run it and the `speculators` format stores it: the fusion reads the raw
   target states, the layer's attention reads `[norm(embedding) ; norm(hidden)]` 2H-wide (`Eagle3Decoder`), the
   fed-back feature is the pre-norm state, and the draft has its own lm_head over a draft vocabulary of
-  `draft_vocab` target tokens (0: all of them). Only this layout exports (`vlmspec export --format speculators`);
+  `draft_vocab` target tokens (0: all of them). Only this layout exports (`vlmspec export`, to vLLM or SGLang);
   it trains by cross-entropy on the logits alone (its features are not the target's).
 """
 
