@@ -67,7 +67,7 @@ def test_generate_json_has_the_documented_fields(llava_dir, images, capsys):
                  "--tree", "kind=dynamic,depth=3,topk=2,total=6", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"text", "token_ids", "stats"}
+    assert set(result) == {"text", "token_ids", "finish_reason", "stats"}
     for key in ("new_tokens", "target_forwards", "tau", "accepted_by_depth", "draft_seconds", "verify_seconds",
                 "seconds"):
         assert key in result["stats"], key

@@ -77,7 +77,7 @@ def add_generate_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from vlmspec import __version__
-    from vlmspec import demo
+    from vlmspec import demo, export
     from vlmspec.bench import cli as bench_cli
     from vlmspec.bench import tune as tune_cli
     from vlmspec.testbed import cli as testbed_cli
@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cli.add_parser(sub)
     tune_cli.add_parser(sub)
     demo.add_parser(sub)
+    export.add_parser(sub)
     return parser
 
 

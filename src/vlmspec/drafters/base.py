@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
     from vlmspec.target import NodesOutput, PrefillOutput, Target
     from vlmspec.train.batch import TrainBatch
+    from vlmspec.train.data import CollectedData
     from vlmspec.train.losses import LossConfig
     from vlmspec.tree import Tree, TreeBuilder, TreeConfig
     from vlmspec.verify import SamplingConfig
@@ -117,6 +118,10 @@ class Drafter(nn.Module):
         trainable drafter always lists `num_layers` (the loss targets are built from it). Default: none."""
         return []
 
+    def prepare_training(self, data: "CollectedData") -> None:
+        """Called once on a freshly built drafter with its training data, before the first step (e.g. to choose a
+        draft vocabulary from token frequencies). Default: nothing."""
+
     def default_loss_config(self) -> "LossConfig":
         """The loss options this design is trained with unless the user overrides them (`--loss`)."""
         from vlmspec.train.losses import LossConfig
@@ -181,10 +186,15 @@ def read_drafter_meta(directory: Path) -> dict[str, Any]:
 
 
 def load_drafter(name_or_dir: str | Path, target: "Target") -> Drafter:
-    """Load a checkpoint directory, or `testbed:<type>` (a shipped trained drafter)."""
+    """Load a checkpoint directory, or `testbed:<type>` (a shipped trained drafter). A directory in the
+    `speculators` format's EAGLE-3 layout (vLLM's) loads as an `eagle3` drafter (`vlmspec.drafters.speculators`)."""
     from safetensors.torch import load_file
 
+    from vlmspec.drafters import speculators
+
     directory = resolve_drafter_path(name_or_dir)
+    if speculators.read_config(directory) is not None:
+        return speculators.load_speculators(directory, target)
     meta = read_drafter_meta(directory)
     cls = drafter_class(meta["drafter_type"])
     expected = meta.get("target", {})
@@ -208,9 +218,14 @@ def load_drafter(name_or_dir: str | Path, target: "Target") -> Drafter:
 
 
 def recommended_tree(name_or_dir: str | Path) -> "TreeConfig | None":
+    from vlmspec.drafters import speculators
     from vlmspec.tree import TreeConfig
 
-    tree = read_drafter_meta(resolve_drafter_path(name_or_dir)).get("tree")
+    directory = resolve_drafter_path(name_or_dir)
+    if speculators.read_config(directory) is not None:                 # the format proposes a chain of k tokens
+        tokens = speculators.speculative_tokens(directory)
+        return TreeConfig(kind="chain", depth=tokens) if tokens else None
+    tree = read_drafter_meta(directory).get("tree")
     return TreeConfig.from_dict(tree) if tree else None
 
 

@@ -67,6 +67,18 @@ class CollectedData:
             keys = ["input_ids", "loss_mask", "image_mask", "positions"] + [f"hidden/{l}" for l in self.layers]
             return {key: handle.get_tensor(f"{ref.slot}/{key}") for key in keys}
 
+    def answer_token_counts(self, vocab_size: int) -> torch.Tensor:
+        """How often each token id occurs at trained (loss-mask) positions over all samples: [vocab_size] int64."""
+        from safetensors import safe_open
+
+        counts = torch.zeros(vocab_size, dtype=torch.long)
+        for ref in self.samples:
+            with safe_open(str(ref.shard), "pt") as handle:
+                ids = handle.get_tensor(f"{ref.slot}/input_ids").long()
+                mask = handle.get_tensor(f"{ref.slot}/loss_mask").bool()
+            counts += torch.bincount(ids[mask], minlength=vocab_size)[:vocab_size]
+        return counts
+
     def batch(self, indices: Sequence[int], dtype: torch.dtype = torch.float32,
               device: torch.device | str = "cpu") -> TrainBatch:
         """Right-padded batch of samples `indices`, hidden states cast to `dtype`."""

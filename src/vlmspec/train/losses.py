@@ -183,11 +183,12 @@ def top1_accuracy(draft_logits: Tensor, target_logits: Tensor) -> float:
 
 
 def step_loss(predicted: Tensor, next_features: Tensor, logits_fn: Callable[[Tensor], Tensor],
-              config: LossConfig) -> tuple[Tensor, float]:
-    """Loss of one step on selected pairs: predicted, next_features [N, H] → (scalar, top-1 accuracy)."""
+              config: LossConfig, target_logits_fn: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, float]:
+    """Loss of one step on selected pairs: predicted, next_features [N, H] → (scalar, top-1 accuracy).
+    `target_logits_fn` maps the target's features to its logits (default: `logits_fn`, the shared lm_head)."""
     draft_logits = logits_fn(predicted)                                        # [N, V]
     with torch.no_grad():
-        target_logits = logits_fn(next_features.to(predicted.dtype))          # [N, V]
+        target_logits = (target_logits_fn or logits_fn)(next_features.to(predicted.dtype))   # [N, V]
     loss = predicted.new_zeros((), dtype=torch.float32)
     if predicted.shape[0] == 0:
         return loss + 0.0 * predicted.sum(), 0.0
@@ -240,17 +241,21 @@ def cache_kv(cache) -> list[tuple[Tensor, Tensor]]:
 
 def unrolled_loss(step: StepFn, new_cache: Callable[[], object], logits_fn: Callable[[Tensor], Tensor],
                   pairs: PairTargets, features: Tensor, config: LossConfig,
-                  keep: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+                  keep: Tensor | None = None,
+                  target_logits_fn: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, dict[str, float]]:
     """The whole loss of a feature drafter whose one forward is `step` (e.g. `EagleDrafter.forward`).
 
     `features` [B, n, H] are the true input features of the pairs (what decode feeds for verified pairs);
     `logits_fn` maps predicted features to draft logits (the target's lm_head); `keep` marks pairs whose input
-    feature is never replaced by a prediction. Applies every `LossConfig` option; returns (loss, metrics)."""
+    feature is never replaced by a prediction; `target_logits_fn` maps the target's features to its logits where
+    the draft has an lm_head of its own (default: `logits_fn`). Applies every `LossConfig` option; returns
+    (loss, metrics)."""
+    target_logits_fn = target_logits_fn or logits_fn
     tokens, valid = pairs.tokens, pairs.valid
     if config.feature_noise:
         features = features + (torch.rand_like(features) * 2 - 1) * config.feature_noise
     if config.sampled_token:
-        tokens, valid = _sampled_tokens(pairs, logits_fn)
+        tokens, valid = _sampled_tokens(pairs, target_logits_fn)
     count = tokens.shape[1]
     cache = new_cache()
     weights = [config.step_decay ** j for j in range(config.steps)]
@@ -265,7 +270,7 @@ def unrolled_loss(step: StepFn, new_cache: Callable[[], object], logits_fn: Call
             first_predicted = predicted
         selected = chain_valid(valid, j)                                      # [B, n]
         term, accuracy = step_loss(predicted[selected], pairs.next_features[selected].to(predicted.dtype),
-                                   logits_fn, config)
+                                   logits_fn, config, target_logits_fn)
         loss = loss + weights[j - 1] / total_weight * term
         metrics[f"acc@{j}"] = accuracy
         if j > 1 and config.kv_consistency_weight:
@@ -278,7 +283,7 @@ def unrolled_loss(step: StepFn, new_cache: Callable[[], object], logits_fn: Call
         mask = ttt_mask(count, 1, features.dtype, features.device)
         predicted = step(tokens, second, pairs.positions, mask, new_cache())
         term, accuracy = step_loss(predicted[valid], pairs.next_features[valid].to(predicted.dtype), logits_fn,
-                                   config)
+                                   config, target_logits_fn)
         loss = loss + term
         metrics["acc@sc"] = accuracy
     metrics["loss"] = float(loss.detach())

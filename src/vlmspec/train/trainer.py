@@ -115,6 +115,8 @@ def train(target: Target, data_folders: Sequence[str | Path], out: str | Path, c
     drafter = drafter.float().train()
     loss_config = LossConfig.parse(config.loss, drafter.default_loss_config())
     data = CollectedData(data_folders, drafter.feature_layers(), target)
+    if config.init is None:
+        drafter.prepare_training(data)                 # a resumed run then restores what this chose
     stream = BatchStream(data, config.batch_size, config.seed, Curriculum.parse(config.curriculum))
     parameters = [p for p in drafter.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
