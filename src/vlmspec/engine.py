@@ -62,6 +62,7 @@ class Engine:
         self.budget = budget if drafter is not None and budget else None
         self.running: list[Request] = []                 # row b of `self.state` is running[b]
         self.state = TargetState.empty(target.num_layers, target.device)
+        self.draft_batch = drafter.new_batch() if drafter is not None else None   # the rows' draft states, in order
         self._waiting: deque[Request] = deque()
         self._ids = itertools.count()
         self._queue_lock = threading.Lock()              # guards `_waiting` (submit/cancel come from any thread)
@@ -203,6 +204,8 @@ class Engine:
         if request.finish_reason is None:
             self.state.add_row(state)
             self.running.append(request)
+            if drafter is not None:
+                self.draft_batch.add(request.draft_state)
         request.stats.prefill_seconds = request.stats.seconds = time.perf_counter() - start
         if request.finish_reason is not None:
             request.finish(target.tokenizer)
@@ -215,6 +218,8 @@ class Engine:
             if not cancelled and (cancelled_only or request.finish_reason is None):
                 continue
             self.state.remove_row(row)
+            if self.draft_batch is not None:
+                self.draft_batch.remove(row)
             self.running[row] = self.running[-1]
             self.running.pop()
             request.finish(self.target.tokenizer, "cancelled" if cancelled else None)
@@ -225,16 +230,14 @@ class Engine:
         start = time.perf_counter()
         arm = self.budget.choose(len(rows)) if self.budget is not None and len(rows) > 1 else None
         greedy_tree = self.tree if arm is None else self.budget.arms[arm]
-        trees, draft_seconds, forwards_before = [], [], []
-        for request in rows:
-            tick = time.perf_counter()
-            forwards_before.append(getattr(request.draft_state, "forwards", 0))
-            tree_config = greedy_tree if request.sampling.greedy else self.tree
-            if drafter is None or tree_config is None:
-                trees.append(Tree.root_only(torch.tensor([request.root_token], device=target.device)))
-            else:
-                trees.append(drafter.propose(request.draft_state, tree_config, request.sampling, request.generator))
-            draft_seconds.append(time.perf_counter() - tick)
+        forwards_before = [getattr(request.draft_state, "forwards", 0) for request in rows]
+        drafted: list[Tree | None] = [None] * len(rows)
+        if drafter is not None:
+            configs = [greedy_tree if request.sampling.greedy else self.tree for request in rows]
+            drafted = self.draft_batch.propose(configs, [r.sampling for r in rows], [r.generator for r in rows])
+        trees = [tree if tree is not None else Tree.root_only(torch.tensor([request.root_token], device=target.device))
+                 for tree, request in zip(drafted, rows)]
+        draft_seconds = time.perf_counter() - start
         verify_start = time.perf_counter()
         stacked = Tree.stack([Tree(t.tokens, t.parents, t.num_nodes) for t in trees])
         verified = target.verify(self.state, stacked)
@@ -259,7 +262,7 @@ class Engine:
             request.root_token = emitted[-1]
             stats = request.stats
             stats.target_forwards += 1
-            stats.draft_seconds += draft_seconds[row] + time.perf_counter() - tick
+            stats.draft_seconds += draft_seconds + time.perf_counter() - tick
             stats.verify_seconds += verify_seconds
             stats.accepted_per_step.append(accepted)
             stats.draft_forwards_per_step.append(getattr(draft_state, "forwards", 0) - forwards_before[row])

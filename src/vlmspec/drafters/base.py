@@ -55,6 +55,29 @@ class DraftState:
     forwards: int = 0
 
 
+class DraftBatch:
+    """The draft states of a batch's rows, in row order (`add` appends a new row; `remove` moves the last row into
+    the freed place, as the target's cache does). This default drafts each row on its own; drafters whose rows can
+    share forwards override it (`feature.FeatureDraftBatch`)."""
+
+    def __init__(self, drafter: "Drafter"):
+        self.drafter = drafter
+        self.states: list[Any] = []
+
+    def add(self, state: Any) -> None:
+        self.states.append(state)
+
+    def remove(self, row: int) -> None:
+        self.states[row] = self.states[-1]
+        self.states.pop()
+
+    def propose(self, tree_configs: "list[TreeConfig | None]", samplings: "list[SamplingConfig]",
+                generators: list[torch.Generator | None]) -> "list[Tree | None]":
+        """Each row's tree (None where its config is None: that row does not draft this step)."""
+        return [None if config is None else self.drafter.propose(state, config, sampling, generator)
+                for state, config, sampling, generator in zip(self.states, tree_configs, samplings, generators)]
+
+
 def register_drafter(cls: type["Drafter"]) -> type["Drafter"]:
     _REGISTRY[cls.drafter_type] = cls
     return cls
@@ -102,6 +125,10 @@ class Drafter(nn.Module):
 
     def accept(self, state: Any, tree: "Tree", path: list[int], verified: "NodesOutput", bonus: int) -> None:
         raise NotImplementedError
+
+    def new_batch(self) -> "DraftBatch":
+        """The container of this drafter's states for a batch of rows (the engine keeps it in row order)."""
+        return DraftBatch(self)
 
     def tree_builder(self, tree_config: "TreeConfig", root_token: int, sampling: "SamplingConfig",
                      generator: torch.Generator | None) -> "TreeBuilder":

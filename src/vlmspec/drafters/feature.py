@@ -17,15 +17,15 @@ of the entry's token, M-RoPE included). Decode-time entries are text and continu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from vlmspec.drafters.base import DraftState, Drafter
+from vlmspec.drafters.base import DraftBatch, DraftState, Drafter
 from vlmspec.drafters.layers import DraftDecoder, draft_layer_config
-from vlmspec.drafters.treedraft import draft_tree
+from vlmspec.drafters.treedraft import draft_trees
 from vlmspec.pending import PendingNodes
 from vlmspec.tree import Tree, TreeConfig
 from vlmspec.verify import SamplingConfig
@@ -33,21 +33,14 @@ from vlmspec.verify import SamplingConfig
 
 @dataclass
 class FeatureDraftState(DraftState):
-    cache: Any = None
+    cache: Any = None                            # the draft KV cache holding this row (a `RowCache`) …
+    row: int = 0                                 # … at this row
     root: int = 0                                # the last verified token (the next tree's root)
     length: int = 0                              # committed entries in the draft cache
     next_position: Tensor | None = None          # position of the next committed entry: [] ([3] for M-RoPE)
-    pending: PendingNodes = field(default_factory=lambda: PendingNodes.empty(1))
     context: Tensor | None = None                # [H] context term of every decode-time pair (None: none)
-    catchup: Tensor | None = None                # [n, H] draft inputs of verified entries not yet in the cache …
+    catchup: Tensor | None = None                # [n, X] draft inputs of verified entries not yet in the cache …
     catchup_positions: Tensor | None = None      # … and their positions [n] ([3, n] for M-RoPE)
-
-
-def entry_causal_mask(count: int, dtype: torch.dtype, device, prefix: int = 0) -> Tensor:
-    """Additive mask [1, 1, count, prefix + count]: new entries see the whole prefix and earlier new entries."""
-    allowed = torch.ones(count, prefix + count, dtype=torch.bool, device=device).tril(diagonal=prefix)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
 
 
 class FeatureDrafter(Drafter):
@@ -83,54 +76,35 @@ class FeatureDrafter(Drafter):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ decoding
+    tokens_per_forward: int = 1                  # tree levels per draft forward (FLASH: more, with `head`)
+
+    def head(self, level: int, tokens: Tensor, features: Tensor) -> Tensor:
+        """Features of a level between draft forwards (tokens_per_forward > 1): [B, n], [B, n, H] → [B, n, H]."""
+        raise NotImplementedError
+
     def begin(self, target, prefill, first_token: int) -> FeatureDraftState:
         if prefill.input_ids.shape[0] != 1:
             raise ValueError(f"{self.drafter_type} decodes batch 1")
         inputs, positions, context = self.prompt_entries(prefill, first_token)
-        return FeatureDraftState(root=first_token, cache=self.decoder.new_decode_cache(),
-                                 pending=PendingNodes.empty(1, inputs.device), context=context,
+        return FeatureDraftState(root=first_token, cache=self.decoder.new_decode_cache(), context=context,
                                  catchup=inputs, catchup_positions=positions)
 
-    def _catch_up(self, state: FeatureDraftState) -> Tensor:
-        """Run the verified entries into the cache (one forward); returns the last one's predicted feature [H]."""
-        count = state.catchup.shape[0]
-        mask = entry_causal_mask(count, state.catchup.dtype, state.catchup.device, prefix=state.length)
-        positions = state.catchup_positions                                    # [n] or [3, n]
-        out = self.decoder(state.catchup[None], positions.unsqueeze(-2), mask, state.cache)[0]   # [n, H]
-        state.forwards += 1
-        state.length += count
-        state.next_position = positions[..., -1] + 1             # the last entry is text: every axis alike
-        state.catchup = state.catchup_positions = None
-        return out[-1]
-
-    def _run_nodes(self, state: FeatureDraftState, tokens: list[int], features: Tensor, parents: list[int]) -> Tensor:
-        """Feed pairs (tokens, features [n, H]) as pending nodes under `parents` (pending indices, -1: off the
-        committed prefix) in one forward; returns predicted features [n, H]."""
-        device = features.device
-        token_tensor = torch.tensor([tokens], device=device)                   # [1, n]
-        depths = state.pending.add(token_tensor, torch.tensor([parents], device=device))
-        mask = state.pending.attention_mask(state.length, len(tokens), features.dtype)
-        context = None if state.context is None else state.context.expand(len(tokens), -1)[None]
-        x = self.text_inputs(token_tensor, features[None], context)            # [1, n, H]
-        state.forwards += 1
-        positions = state.next_position[..., None, None] + depths              # [1, n] or [3, 1, n]
-        return self.decoder(x, positions, mask, state.cache)[0]
+    def new_batch(self) -> "FeatureDraftBatch":
+        return FeatureDraftBatch(self)
 
     def propose(self, state: FeatureDraftState, tree_config: TreeConfig, sampling: SamplingConfig,
                 generator: torch.Generator | None) -> Tree:
-        """EAGLE-2 drafting: one draft forward per tree level (flash overrides this)."""
-        root_feature = self._catch_up(state)
-        return draft_tree(self.tree_builder(tree_config, state.root, sampling, generator), root_feature,
-                          self.draft_logits,
-                          lambda tokens, features, parents: self._run_nodes(state, tokens, features, parents), sampling)
+        """One row's tree (a batch of one, in the state's own cache)."""
+        if state.cache.rows != 1:
+            raise ValueError("this state belongs to a batch: propose through its DraftBatch")
+        return FeatureDraftBatch(self, state.cache, [state]).propose([tree_config], [sampling], [generator])[0]
 
     def accept(self, state: FeatureDraftState, tree: Tree, path: list[int], verified, bonus: int) -> None:
-        state.cache.keep(0, state.length, [])                                  # drop the drafted nodes
-        state.pending.clear()
+        state.cache.keep(state.row, state.length, [])                          # drop the drafted nodes
         tokens = torch.tensor([tree.tokens[0, path[1:]].tolist() + [bonus]], device=tree.tokens.device)
         features = self.input_features(verified.hidden_states)[:, path]        # [1, k+1, H]
         context = None if state.context is None else state.context.expand(tokens.shape[1], -1)[None]
-        inputs = self.text_inputs(tokens, features, context)[0]                # [k+1, H]
+        inputs = self.text_inputs(tokens, features, context)[0]                # [k+1, X]
         if state.catchup is None:
             start = state.next_position
         else:                                   # a step without drafting: the last catch-up was not run yet
@@ -141,3 +115,121 @@ class FeatureDrafter(Drafter):
             positions = torch.cat([state.catchup_positions, positions], dim=-1)
         state.catchup, state.catchup_positions = inputs, positions
         state.root = bonus
+
+
+class FeatureDraftBatch(DraftBatch):
+    """The feature-drafter states of a batch's rows, sharing one draft KV cache (row r = the batch's row r): one
+    catch-up forward and one forward per drafted level (or per k levels) for all rows together."""
+
+    def __init__(self, drafter: FeatureDrafter, cache=None, states: list[FeatureDraftState] | None = None):
+        super().__init__(drafter)
+        self.cache = cache if cache is not None else drafter.decoder.new_decode_cache(rows=0)
+        self.states = states if states is not None else []
+        self.pending = PendingNodes.empty(len(self.states))
+
+    def add(self, state: FeatureDraftState) -> None:
+        if state.length:
+            raise ValueError("a draft state joins a batch before its first step")
+        state.cache, state.row = self.cache, self.cache.add_empty_row()
+        self.states.append(state)
+
+    def remove(self, row: int) -> None:
+        last = len(self.states) - 1
+        self.cache.move_row(last, row)
+        self.states[last].row = row
+        super().remove(row)
+
+    def propose(self, tree_configs: Sequence[TreeConfig | None], samplings: Sequence[SamplingConfig],
+                generators: Sequence[torch.Generator | None]) -> list[Tree | None]:
+        drafter = self.drafter
+        drafting = [config is not None for config in tree_configs]
+        if not any(drafting):
+            return [None] * len(self.states)
+        roots = self._catch_up(drafting)
+        builders = [drafter.tree_builder(config, state.root, sampling, generator) if config is not None else None
+                    for state, config, sampling, generator in zip(self.states, tree_configs, samplings, generators)]
+        self.pending = PendingNodes.empty(len(self.states), next(drafter.decoder.parameters()).device)
+        return draft_trees(builders, roots, drafter.draft_logits, self._run_level, samplings,
+                           drafter.tokens_per_forward, drafter.head)
+
+    def _catch_up(self, drafting: list[bool]) -> list[Tensor | None]:
+        """Run the drafting rows' verified entries into their cache rows (one forward for all rows); returns each
+        drafting row's last predicted feature [H] (the root's), None for the others."""
+        states = self.states
+        counts = [state.catchup.shape[0] if go else 0 for state, go in zip(states, drafting)]
+        width = max(counts)
+        sample = next(state.catchup for state, go in zip(states, drafting) if go)
+        lengths = torch.tensor([state.length for state in states], device=sample.device)          # [B]
+        x = sample.new_zeros(len(states), width, sample.shape[-1])                                  # [B, n, X]
+        positions = torch.zeros(*sample_axes(states), len(states), width, dtype=torch.long, device=sample.device)
+        for row, (state, count) in enumerate(zip(states, counts)):
+            if count:
+                x[row, :count] = state.catchup
+                positions[..., row, :count] = state.catchup_positions
+        mask = catch_up_mask(lengths, width, x.dtype)                                             # [B, 1, n, span]
+        out = self.drafter.decoder(x, positions, mask, self.cache)                               # [B, n, H]
+        roots: list[Tensor | None] = []
+        for row, (state, count) in enumerate(zip(states, counts)):
+            self.cache.keep(row, state.length, range(count))
+            if not count:
+                roots.append(None)
+                continue
+            state.forwards += 1
+            state.length += count
+            state.next_position = state.catchup_positions[..., -1] + 1   # the last entry is text: every axis alike
+            state.catchup = state.catchup_positions = None
+            roots.append(out[row, count - 1])
+        return roots
+
+    def _run_level(self, tokens: list[list[int]], features: list[Tensor | None],
+                   parents: list[list[int]]) -> tuple[list[Tensor], int]:
+        """Feed each row's nodes (tokens, parent features [n_r, H], parents: pending indices) as pending nodes in
+        one forward, every row padded to the same count; returns predicted features per row [n_r, H]."""
+        states, drafter = self.states, self.drafter
+        width = max(len(row) for row in tokens)
+        sample = next(feature for feature in features if feature is not None)
+        device = sample.device
+        token_tensor = torch.zeros(len(states), width, dtype=torch.long, device=device)            # [B, n]
+        parent_tensor = torch.full((len(states), width), -1, dtype=torch.long, device=device)      # [B, n]
+        inputs = sample.new_zeros(len(states), width, sample.shape[-1])                             # [B, n, H]
+        context = None
+        if any(state.context is not None for state in states):
+            context = sample.new_zeros(len(states), width, sample.shape[-1])
+        for row, (state, row_tokens, row_features, row_parents) in enumerate(zip(states, tokens, features, parents)):
+            if row_tokens:
+                token_tensor[row, : len(row_tokens)] = torch.tensor(row_tokens, device=device)
+                parent_tensor[row, : len(row_tokens)] = torch.tensor(row_parents, device=device)
+                inputs[row, : len(row_tokens)] = row_features
+                state.forwards += 1
+            if context is not None and state.context is not None:
+                context[row] = state.context
+        depths = self.pending.add(token_tensor, parent_tensor)                                      # [B, n]
+        mask = self.pending.attention_mask([state.length for state in states], width, inputs.dtype)
+        starts = torch.stack([state.next_position if state.next_position is not None
+                              else torch.zeros(*sample_axes(states), dtype=torch.long, device=device)
+                              for state in states], dim=-1)                                         # [B] or [3, B]
+        x = drafter.text_inputs(token_tensor, inputs, context)                                      # [B, n, X]
+        out = drafter.decoder(x, starts[..., None] + depths, mask, self.cache)                     # [B, n, H]
+        return [out[row, : len(row_tokens)] for row, row_tokens in enumerate(tokens)], width
+
+
+def sample_axes(states: Sequence[FeatureDraftState]) -> tuple[int, ...]:
+    """() for 1-D positions, (3,) for M-RoPE: the leading axes of the states' positions."""
+    for state in states:
+        positions = state.catchup_positions if state.catchup_positions is not None else state.next_position
+        if positions is not None:
+            return tuple(positions.shape[:-1]) if state.catchup_positions is not None else tuple(positions.shape)
+    return ()
+
+
+def catch_up_mask(lengths: Tensor, width: int, dtype: torch.dtype) -> Tensor:
+    """Additive mask [B, 1, width, max(lengths) + width]: row b's new entry i sees row b's committed prefix
+    (lengths[b] entries) and its new entries up to i."""
+    span = int(lengths.max()) + width
+    column = torch.arange(span, device=lengths.device)                        # [span]
+    entry = torch.arange(width, device=lengths.device)                        # [n]
+    prefix = column[None, None, :] < lengths[:, None, None]                   # [B, 1, span]
+    new = column[None, None, :] - lengths[:, None, None]                      # [B, 1, span]: index among new entries
+    visible = prefix | ((new >= 0) & (new <= entry[None, :, None]))           # [B, n, span]
+    mask = torch.zeros(visible.shape, dtype=dtype, device=lengths.device).masked_fill(~visible, torch.finfo(dtype).min)
+    return mask[:, None]

@@ -36,11 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from vlmspec.drafters.base import register_drafter
-from vlmspec.drafters.feature import FeatureDraftState
 from vlmspec.drafters.vision import (AttentionPool, Layout, Pairs, VisualFeatureDrafter, batch_pairs,
                                     build_layout, gather_runs, place_runs, rms_norm)
-from vlmspec.tree import Tree, TreeBuilder, TreeConfig
-from vlmspec.verify import SamplingConfig, warp_logits
 
 
 @dataclass(frozen=True)
@@ -82,6 +79,7 @@ class FlashDrafter(VisualFeatureDrafter):
         super().__init__(target, config)
         hidden = target.hidden_size
         self.slots_per_run = config.num_compressed
+        self.tokens_per_forward = config.tokens_per_forward      # the decode loop (`treedraft.draft_trees`)
         self.pool = AttentionPool(hidden, config.num_compressed, self.num_heads)
         decoder_config = self.decoder.config
         self.heads = nn.ModuleList(LevelHead(hidden, decoder_config.intermediate_size, decoder_config.rms_norm_eps)
@@ -99,54 +97,6 @@ class FlashDrafter(VisualFeatureDrafter):
         """Head `level` (1 … k−1): tokens [B, n], previous features [B, n, H] → features [B, n, H]."""
         embeddings = self.target.embed_tokens(tokens).to(features.dtype)
         return self.heads[level - 1](embeddings, features)
-
-    # ------------------------------------------------------------------ decoding
-    def propose(self, state: FeatureDraftState, tree_config: TreeConfig, sampling: SamplingConfig,
-                generator: torch.Generator | None) -> Tree:
-        k = self.config.tokens_per_forward
-        builder = self.tree_builder(tree_config, state.root, sampling, generator)
-        node_feature = {0: self._catch_up(state)}      # builder node → its predicted feature (predicts its children)
-        node_pending = {0: -1}                          # builder node → pending index (nodes already in the cache)
-        waiting: list[int] = []                         # builder nodes with a head feature, not yet in the cache
-        frontier = builder.frontier()
-        while frontier:
-            logits = self.draft_logits(torch.stack([node_feature[n] for n in frontier]))     # [F, V]
-            builder.expand(logits if sampling.greedy else warp_logits(logits, sampling))
-            frontier = builder.frontier()
-            if not frontier:
-                break
-            level = builder.depth(frontier[0])
-            if level % k:                               # a head level: no attention, no forward
-                tokens = torch.tensor([[builder.token(n) for n in frontier]], device=logits.device)
-                parents = torch.stack([node_feature[builder.parent(n)] for n in frontier])[None]
-                for node, feature in zip(frontier, self.head(level % k, tokens, parents)[0]):
-                    node_feature[node] = feature
-                waiting += frontier
-                continue
-            self._forward_levels(state, builder, waiting, frontier, node_feature, node_pending)
-            waiting = []
-        return builder.build()
-
-    def _forward_levels(self, state: FeatureDraftState, builder: TreeBuilder, waiting: list[int],
-                        frontier: list[int], node_feature: dict, node_pending: dict) -> None:
-        """One decoder forward over the frontier and its waiting ancestors; sets the frontier's features."""
-        needed = set(frontier)
-        waiting_set = set(waiting)
-        for node in frontier:
-            parent = builder.parent(node)
-            while parent in waiting_set and parent not in needed:
-                needed.add(parent)
-                parent = builder.parent(parent)
-        nodes = sorted(needed)                          # builder order: parents before children
-        base = len(state.pending)
-        offsets = {node: base + i for i, node in enumerate(nodes)}
-        parents = [offsets.get(builder.parent(n), node_pending.get(builder.parent(n), -1)) for n in nodes]
-        predicted = self._run_nodes(state, [builder.token(n) for n in nodes],
-                                    torch.stack([node_feature[builder.parent(n)] for n in nodes]), parents)
-        node_pending.update(offsets)
-        for i, node in enumerate(nodes):
-            if node in frontier:
-                node_feature[node] = predicted[i]
 
     # ------------------------------------------------------------------ training
     def training_loss(self, batch, config):

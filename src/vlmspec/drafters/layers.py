@@ -68,11 +68,11 @@ class DraftDecoder(nn.Module):
 
         return DynamicCache(config=self.config)
 
-    def new_decode_cache(self):
-        """A one-row preallocated cache written in place, for decoding (`target.cache.RowCache`)."""
+    def new_decode_cache(self, rows: int = 1):
+        """A preallocated cache written in place, for decoding (`target.cache.RowCache`)."""
         from vlmspec.target.cache import RowCache
 
-        return RowCache(num_layers=1, rows=1)
+        return RowCache(num_layers=1, rows=rows)
 
     def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None, cache=None) -> Tensor:
         x = self.layer(x, attention_mask=mask, position_ids=positions if positions.dim() == 2 else None,

@@ -125,6 +125,11 @@ class RowCache(Cache):
         self.ends[row] = length
         return row
 
+    def add_empty_row(self) -> int:
+        """A new empty row at the end; returns its index."""
+        self.ends.append(0)
+        return self.rows - 1
+
     def keep(self, row: int, start: int, keep: Sequence[int]) -> None:
         """Move entries `start + keep[i]` to `start + i` in `row` (keep: increasing) and drop everything after."""
         keep = list(keep)
