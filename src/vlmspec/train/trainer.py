@@ -186,10 +186,8 @@ def train(target: Target, data_folders: Sequence[str | Path], out: str | Path, c
             log.close()
         bar.close()
     weights = save_state(state_path, config, step, model, drafter, optimizer, scheduler, stream)
-    if parallel.is_fsdp(model):
-        if weights is None:                                  # not rank 0: its shard
-            return drafter
-        drafter = new_drafter(config, target)                # a whole drafter to save and return
+    if parallel.is_fsdp(model) and weights is not None:     # rank 0: a whole drafter to save and return
+        drafter = new_drafter(config, target)
         drafter.load_state_dict(weights)
     drafter.eval()
     if rank.main:
