@@ -140,7 +140,7 @@ def train(target: Target, data_folders: Sequence[str | Path], out: str | Path, c
     warmup = config.warmup if config.warmup is not None else min(100, (config.steps or 1000) // 10)
     warmup = max(1, warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, config.steps))
-    if config.bf16 and target.device.type == "cpu":
+    if config.bf16 and target.device.type == "cpu" and rank.main:
         warn_if_emulated_bf16("vlmspec train (--no-bf16 trains in fp32)")
     torch.manual_seed(config.seed + rank.rank)                  # rank 0 draws as one process does
     step = 0
