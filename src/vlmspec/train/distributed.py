@@ -105,8 +105,9 @@ def barrier() -> None:
 
 
 def on_main(fn: Callable[[], T]) -> T:
-    """`fn()` run once, on rank 0, its result (or its ValueError) handed to every rank: for work that writes shared
-    files (generated suites, the collection's metadata) and checks that must fail everywhere alike."""
+    """`fn()` run once, on rank 0, its result (or its boundary error, as a ValueError) handed to every rank: for work
+    that writes shared files (generated suites, the collection's metadata) and checks that must fail everywhere
+    alike, with no rank left waiting."""
     rank = current()
     if not rank.active:
         return fn()
@@ -114,7 +115,7 @@ def on_main(fn: Callable[[], T]) -> T:
     if rank.main:
         try:
             box[0] = ("ok", fn())
-        except ValueError as error:
+        except (ValueError, OSError) as error:
             box[0] = ("error", str(error))
     dist.broadcast_object_list(box, src=0)
     kind, value = box[0]

@@ -11,8 +11,9 @@ rest of the drafter (fusion layers, norms, heads) is the root unit, gathered for
 
 Global loss. Every drafter's loss is a mean over its trained pairs (`metrics["pairs"]`). One process averages over
 all pairs of the global batch; here each rank's mean is weighted by its share of the pairs before DDP/FSDP average
-the gradients, so the gradient is that of the global mean (exact for one unrolled step; with `steps > 1` each
-step's term has its own pair count, and the weights follow the first).
+the gradients, so the gradient is that of the global mean (exact for one unrolled step; terms with their own pair
+counts, i.e. unrolled steps 2…k, self-correction, FLASH's heads, are weighted like the first: a small
+approximation, see docs/scaling.md).
 
 Checkpoints. The state written is the one-process format (`drafter.state_dict()`, the optimizer's state keyed by
 parameter index), full tensors gathered to rank 0 under FSDP, so a checkpoint resumes on any number of processes,
