@@ -75,13 +75,12 @@ def collect_layers(args: argparse.Namespace, target) -> list[int]:
     return sorted(layers)
 
 
-def load_target(args: argparse.Namespace):
-    """The target on this process's device (today's CPU for one process), or placed by `--device-map`."""
+def load_target(name: str, dtype: str, device_map: str | None = None):
+    """The target on this process's device (the CPU for a single process), or placed by `--device-map`."""
     from vlmspec.target import Target
     from vlmspec.train import distributed
 
-    device_map = getattr(args, "device_map", None)
-    target = Target.from_pretrained(args.target, dtype=args.dtype, **distributed.target_placement(device_map))
+    target = Target.from_pretrained(name, dtype=dtype, **distributed.target_placement(device_map))
     device = distributed.current().device
     if device_map is None and device.type != "cpu":
         target.model.to(device)
@@ -105,7 +104,7 @@ def collect_in_group(args: argparse.Namespace) -> int:
         raise ValueError("--shard-size and --max-new-tokens must be >= 1")
     out = Path(args.out)
     samples, names = distributed.on_main(lambda: sources(args, out))   # rank 0 alone writes generated suites
-    target = load_target(args)
+    target = load_target(args.target, args.dtype, args.device_map)
     config = CollectConfig(layers=collect_layers(args, target), regenerate=args.regenerate,
                            long_answer_suffix=args.long_answer_suffix, max_new_tokens=args.max_new_tokens,
                            shard_size=args.shard_size, sources=names)
@@ -181,7 +180,7 @@ def train_in_group(args: argparse.Namespace) -> int:
                          loss=args.loss or "", curriculum=args.curriculum or "",
                          drafter_options=parse_options(args.drafter_option), tree=args.tree, init=args.init,
                          fsdp=args.fsdp, stop_at=args.stop_at)
-    target = load_target(args)
+    target = load_target(args.target, args.dtype)
     train(target, args.data, args.out, config, progress=not args.quiet)
     if not distributed.current().main:
         return 0
