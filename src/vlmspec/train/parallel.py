@@ -7,7 +7,10 @@ gradients (`find_unused_parameters`: text-only batches leave image parts of some
 unused on every rank keeps no gradient, as in one process). FSDP (`--fsdp`, torch's `fully_shard`) splits the
 weights, gradients and optimizer state across the processes: every decoder layer (a module whose class name ends
 in `DecoderLayer`, the HF convention our draft layers follow) is its own unit, gathered only while it runs; the
-rest of the drafter (fusion layers, norms, heads) is the root unit, gathered for the whole loss.
+rest of the drafter (fusion layers, norms, heads) is the root unit, gathered for the whole loss. Parameters unused
+on some ranks (image parts, on a text-only slice) are reduced as zero gradients; one unused on every rank (e.g. in
+a text-only curriculum stage) thus gets a zero gradient where one process has none, and AdamW's momentum moves it
+on where one process would leave it for that step.
 
 Global loss. Every drafter's loss is a mean over its trained pairs (`metrics["pairs"]`). One process averages over
 all pairs of the global batch; here each rank's mean is weighted by its share of the pairs before DDP/FSDP average
@@ -62,6 +65,14 @@ def wrap(drafter: nn.Module, loss_config, rank: Rank, fsdp: bool) -> nn.Module:
             if type(module).__name__.endswith("DecoderLayer"):
                 fully_shard(module)
         fully_shard(step)
+        # A rank whose slice is text-only leaves the image parts of msd/vispec/flash without gradients; FSDP must
+        # still reduce-scatter them (as zeros) or the ranks' collectives no longer match and training stalls.
+        if hasattr(step, "set_reduce_scatter_unused_params"):         # torch >= 2.13
+            step.set_reduce_scatter_unused_params(True)
+        else:
+            warnings.warn("this torch's FSDP cannot reduce parameters unused on some ranks: an image-aware drafter "
+                          "stalls when one rank's slice has no image; use DDP (no --fsdp) or a newer torch",
+                          stacklevel=2)
         return step
     from torch.nn.parallel import DistributedDataParallel
 
