@@ -25,14 +25,16 @@ from vlmspec.train.collect import CollectConfig, collect
 from vlmspec.train.trainer import TrainConfig, train
 
 LAUNCH_TIMEOUT = 240          # seconds; a launch takes ~25 s on a loaded 2-core machine, a hang never ends
-# The run every training test compares with: eagle, global batch 4, fp32 (bf16 autocast would round differently
-# per batch shape), no random loss option (those draw per rank).
+# The run every training test compares with: eagle3 (3 unrolled steps: loss terms with different pair counts),
+# global batch 4, fp32 (bf16 autocast would round differently per batch shape), no random loss option (those draw
+# per rank).
 CONFIG = dict(steps=4, batch_size=4, lr=1e-3, warmup=2, bf16=False, checkpoint_every=1, curriculum="text-first:2")
 TRAIN_ARGS = ["--steps", "4", "--batch-size", "4", "--lr", "1e-3", "--warmup", "2", "--no-bf16",
               "--checkpoint-every", "1", "--curriculum", "text-first:2", "--dtype", "fp32", "--quiet"]
 # Two processes sum each gradient in two halves and pad each half to its own length: the weights differ from one
-# process's by float rounding only (measured 1.6e-7 after 4 steps, while training moves them by 3e-3; an unweighted
-# mean of the two halves' losses, the classic mistake, misses by 2.9e-3).
+# process's by float rounding only (measured 1.5e-8 after 4 steps, while training moves them by 3e-3; one weight
+# per rank instead of one per loss term misses by 1.5e-5, and an unweighted mean of the two halves' losses, the
+# classic mistake, by 2.9e-3 on eagle).
 ATOL = 1e-5
 
 
@@ -65,17 +67,17 @@ def assert_weights_close(folder: Path, reference: dict[str, torch.Tensor], atol:
 def reference(tiny, tmp_path_factory):  # noqa: F811
     """The one-process run every training test is compared with, and how far training moved the weights."""
     target, _, _, data = tiny
-    drafter = train(target, [data], tmp_path_factory.mktemp("one") / "drafter", TrainConfig("eagle", **CONFIG),
+    drafter = train(target, [data], tmp_path_factory.mktemp("one") / "drafter", TrainConfig("eagle3", **CONFIG),
                     progress=False)
-    start = build_drafter("eagle", target, seed=0).state_dict()
+    start = build_drafter("eagle3", target, seed=0).state_dict()
     moved = max(float((drafter.state_dict()[k] - start[k]).abs().max()) for k in start)
     assert moved > 100 * ATOL                       # so a wrong split (moving as far as training does) fails
     return drafter.state_dict()
 
 
-def train_args(tiny, out: Path, drafter: str = "eagle") -> list[str]:  # noqa: F811
+def train_args(tiny, out: Path) -> list[str]:  # noqa: F811
     _, model_dir, _, data = tiny
-    return ["train", "--drafter", drafter, "--target", str(model_dir), "--data", str(data), "--out", str(out),
+    return ["train", "--drafter", "eagle3", "--target", str(model_dir), "--data", str(data), "--out", str(out),
             *TRAIN_ARGS]
 
 
@@ -95,7 +97,7 @@ def test_two_process_run_stopped_midway_resumes_on_one_process(tiny, reference, 
     ok(launch(2, train_args(tiny, out) + ["--stop-at", "2"]))
     state = torch.load(out / "trainer_state.pt", weights_only=False)
     assert state["step"] == 2 and len(state["rank_rng"]) == 2
-    resumed = train(target, [data], out, TrainConfig("eagle", **CONFIG), progress=False)
+    resumed = train(target, [data], out, TrainConfig("eagle3", **CONFIG), progress=False)
     for name, tensor in reference.items():
         torch.testing.assert_close(resumed.state_dict()[name], tensor, rtol=0, atol=ATOL, msg=name)
     assert_weights_close(out, reference)

@@ -99,6 +99,17 @@ def target_placement(device_map: str | None) -> dict[str, Any]:
             "max_memory": {gpu: torch.cuda.mem_get_info(gpu)[0] for gpu in range(first, first + per_process)}}
 
 
+def global_share(count: int) -> float:
+    """count · world / (sum of every rank's count); 1 in one process. A process's mean over its `count` items,
+    weighted by this, averages over the processes (as DDP and FSDP average gradients) to the mean over all items."""
+    rank = current()
+    if not rank.active:
+        return 1.0
+    total = torch.tensor([float(count)], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(total)
+    return count * rank.world / total.item() if total.item() > 0 else 1.0
+
+
 def barrier() -> None:
     if current().active:
         dist.barrier()

@@ -5,18 +5,17 @@ Wrapping. DDP and FSDP both hook a module's `forward`, while a drafter trains th
 wrapped module is `LossStep`, whose forward is that loss. DDP keeps a whole drafter per process and averages the
 gradients (`find_unused_parameters`: text-only batches leave image parts of some drafters unused; a parameter
 unused on every rank keeps no gradient, as in one process). FSDP (`--fsdp`, torch's `fully_shard`) splits the
-weights, gradients and optimizer state across the processes: every decoder layer (a module whose class name ends
-in `DecoderLayer`, the HF convention our draft layers follow) is its own unit, gathered only while it runs; the
-rest of the drafter (fusion layers, norms, heads) is the root unit, gathered for the whole loss. Parameters unused
+weights, gradients and optimizer state across the processes. The whole drafter is one unit, gathered for the
+loss: drafters reach into their layers' submodules outside the layers' forward (e.g. the speculators layout of
+`eagle3` norms its inputs with the decoder layer's own input norm), which per-layer units would leave sharded, and
+a drafter is one or a few layers, so per-layer units would save little. Parameters unused
 on some ranks (image parts, on a text-only slice) are reduced as zero gradients; one unused on every rank (e.g. in
 a text-only curriculum stage) thus gets a zero gradient where one process has none, and AdamW's momentum moves it
 on where one process would leave it for that step.
 
-Global loss. Every drafter's loss is a mean over its trained pairs (`metrics["pairs"]`). One process averages over
-all pairs of the global batch; here each rank's mean is weighted by its share of the pairs before DDP/FSDP average
-the gradients, so the gradient is that of the global mean (exact for one unrolled step; terms with their own pair
-counts, i.e. unrolled steps 2…k, self-correction, FLASH's heads, are weighted like the first: a small
-approximation, see docs/scaling.md).
+Global loss. Every term of a drafter's loss is a mean over its trained pairs; `train.losses.step_loss` weights
+each by this rank's share of the term's pairs in the global batch (`distributed.global_share`), so the gradients
+DDP/FSDP average are those of one process on the whole global batch, up to float rounding.
 
 Checkpoints. The state written is the one-process format (`drafter.state_dict()`, the optimizer's state keyed by
 parameter index), full tensors gathered to rank 0 under FSDP, so a checkpoint resumes on any number of processes,
@@ -61,9 +60,6 @@ def wrap(drafter: nn.Module, loss_config, rank: Rank, fsdp: bool) -> nn.Module:
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        for module in list(step.modules()):
-            if type(module).__name__.endswith("DecoderLayer"):
-                fully_shard(module)
         fully_shard(step)
         # A rank whose slice is text-only leaves the image parts of msd/vispec/flash without gradients; FSDP must
         # still reduce-scatter them (as zeros) or the ranks' collectives no longer match and training stalls.
@@ -86,27 +82,22 @@ def is_fsdp(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def global_mean(loss: torch.Tensor, metrics: dict[str, float], rank: Rank) -> tuple[torch.Tensor, dict[str, float]]:
-    """This rank's loss reweighted by its share of the global batch's pairs, and the metrics of the global batch
-    (pair-weighted means; `pairs` summed). With no pair anywhere, plain means."""
+def global_metrics(metrics: dict[str, float], rank: Rank) -> dict[str, float]:
+    """The metrics of the global batch: `loss` the mean over ranks (each rank's loss is already its share of the
+    global mean, see the module docstring), `pairs` the sum, the others (accuracies) pair-weighted means."""
     if not rank.active:
-        return loss, metrics
-    keys = sorted(key for key in metrics if key != "pairs")
+        return metrics
+    keys = sorted(key for key in metrics if key not in ("loss", "pairs"))
     pairs = float(metrics.get("pairs", 1.0))
-    values = [pairs, 1.0] + [pairs * metrics[key] for key in keys] + [metrics[key] for key in keys]
+    values = [pairs, metrics["loss"]] + [pairs * metrics[key] for key in keys]
     totals = torch.tensor(values, dtype=torch.float64, device=distributed.comm_device())
     dist.all_reduce(totals)
-    totals = totals.tolist()
-    total_pairs, count = totals[0], len(keys)
-    if total_pairs > 0:
-        merged = {key: totals[2 + i] / total_pairs for i, key in enumerate(keys)}
-        scale = pairs * rank.world / total_pairs
-    else:
-        merged = {key: totals[2 + count + i] / rank.world for i, key in enumerate(keys)}
-        scale = 1.0
+    total_pairs, loss_sum, *weighted = totals.tolist()
+    merged = {key: value / total_pairs if total_pairs > 0 else 0.0 for key, value in zip(keys, weighted)}
+    merged["loss"] = loss_sum / rank.world
     if "pairs" in metrics:
         merged["pairs"] = total_pairs
-    return loss * scale, merged
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint state

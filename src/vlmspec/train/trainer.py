@@ -163,8 +163,8 @@ def train(target: Target, data_folders: Sequence[str | Path], out: str | Path, c
             indices = stream.next_batch(step)                # the global batch: the same on every rank
             batch = data.batch(indices[rank.rank * share : (rank.rank + 1) * share], device=target.device)
             with torch.autocast(target.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                loss, metrics = model(batch)
-            loss, metrics = parallel.global_mean(loss, metrics, rank)
+                loss, metrics = model(batch)                 # this rank's share of the global batch's loss
+            metrics = parallel.global_metrics(metrics, rank)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(parameters, config.clip))
