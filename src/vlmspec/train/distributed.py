@@ -55,7 +55,7 @@ def launch_device() -> torch.device:
 def process_group(backend: str | None = None) -> Iterator[Rank]:
     """Join the launcher's process group for the duration of a command (a no-op for one process). `backend`
     None: nccl on CUDA, gloo on the CPU; collection, which only exchanges a few small objects, asks for gloo."""
-    if not launched() or dist.is_initialized():
+    if not launched() or (dist.is_available() and dist.is_initialized()):
         yield current()
         return
     device = launch_device()
@@ -69,7 +69,7 @@ def process_group(backend: str | None = None) -> Iterator[Rank]:
 
 
 def current() -> Rank:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
         return Rank()
     return Rank(dist.get_rank(), dist.get_world_size(), launch_device())
 
