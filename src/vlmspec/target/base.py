@@ -129,13 +129,15 @@ class Target:
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str | Path, dtype: torch.dtype | str | None = None) -> "Target":
+    def from_pretrained(cls, name_or_dir: str | Path, dtype: torch.dtype | str | None = None,
+                        device_map: str | dict | None = None, max_memory: dict | None = None) -> "Target":
         """Load a local checkpoint directory, or `testbed` (the shipped model). `dtype=None` keeps the checkpoint's;
-        `"fast"` is bf16 on a CPU that computes bf16 natively, else fp32 (`vlmspec.hardware`)."""
+        `"fast"` is bf16 on a CPU that computes bf16 natively, else fp32 (`vlmspec.hardware`). `device_map` (e.g.
+        "auto") and `max_memory` go to HF `from_pretrained` to spread a target too big for one GPU over several."""
         from vlmspec.target.families import load_model_and_processor
 
         path = resolve_target_path(name_or_dir)
-        model, processor = load_model_and_processor(path, dtype)
+        model, processor = load_model_and_processor(path, dtype, device_map, max_memory)
         return cls(model, processor)
 
     # ------------------------------------------------------------------ properties

@@ -117,8 +117,10 @@ class CausalLMFamily(Family):
         return None
 
 
-def load_model_and_processor(path: Path, dtype: torch.dtype | str | None):
-    """`from_pretrained` on a local directory, with the family's auto class; clear errors for bad checkpoints."""
+def load_model_and_processor(path: Path, dtype: torch.dtype | str | None, device_map: str | dict | None = None,
+                             max_memory: dict | None = None):
+    """`from_pretrained` on a local directory, with the family's auto class; clear errors for bad checkpoints.
+    `device_map` / `max_memory` are HF's placement options (None: HF's default, one device)."""
     import transformers
 
     try:
@@ -131,7 +133,14 @@ def load_model_and_processor(path: Path, dtype: torch.dtype | str | None):
         raise ValueError(f"{path}: unsupported architecture {architectures}; supported: "
                          f"{', '.join(supported_architectures())}")
     auto_model = getattr(transformers, family.auto_class)
-    model = auto_model.from_pretrained(path, dtype=resolve_dtype(dtype) or "auto")
+    placement = {key: value for key, value in (("device_map", device_map), ("max_memory", max_memory))
+                 if value is not None}
+    try:
+        model = auto_model.from_pretrained(path, dtype=resolve_dtype(dtype) or "auto", **placement)
+    except ImportError as error:
+        if not placement:
+            raise
+        raise ValueError(f"cannot place the target with device_map={device_map!r}: {error}") from None  # accelerate
     return model, family().load_processor(path)
 
 

@@ -1,4 +1,8 @@
-"""`vlmspec collect` and `vlmspec train`: thin wrappers over `train.collect.collect` and `train.trainer.train`."""
+"""`vlmspec collect` and `vlmspec train`: thin wrappers over `train.collect.collect` and `train.trainer.train`.
+
+Both run unchanged under `torchrun --nproc-per-node N` / `accelerate launch`: they join the launcher's process group
+(`train.distributed`), put the target on this process's GPU (or, with `--device-map`, on its share of the node's
+GPUs), and only rank 0 prints."""
 
 from __future__ import annotations
 
@@ -71,8 +75,27 @@ def collect_layers(args: argparse.Namespace, target) -> list[int]:
     return sorted(layers)
 
 
-def collect_command(args: argparse.Namespace) -> int:
+def load_target(name: str, dtype: str, device_map: str | None = None):
+    """The target on this process's device (the CPU for a single process), or placed by `--device-map`."""
     from vlmspec.target import Target
+    from vlmspec.train import distributed
+
+    target = Target.from_pretrained(name, dtype=dtype, **distributed.target_placement(device_map))
+    device = distributed.current().device
+    if device_map is None and device.type != "cpu":
+        target.model.to(device)
+    return target
+
+
+def collect_command(args: argparse.Namespace) -> int:
+    from vlmspec.train import distributed
+
+    with distributed.process_group(backend="gloo"):            # collect exchanges only a few small objects
+        return collect_in_group(args)
+
+
+def collect_in_group(args: argparse.Namespace) -> int:
+    from vlmspec.train import distributed
     from vlmspec.train.collect import CollectConfig, collect
 
     if (args.long_answer_suffix or args.regenerate_with) and not args.regenerate:
@@ -80,8 +103,8 @@ def collect_command(args: argparse.Namespace) -> int:
     if args.shard_size < 1 or args.max_new_tokens < 1:
         raise ValueError("--shard-size and --max-new-tokens must be >= 1")
     out = Path(args.out)
-    samples, names = sources(args, out)
-    target = Target.from_pretrained(args.target, dtype=args.dtype)
+    samples, names = distributed.on_main(lambda: sources(args, out))   # rank 0 alone writes generated suites
+    target = load_target(args.target, args.dtype, args.device_map)
     config = CollectConfig(layers=collect_layers(args, target), regenerate=args.regenerate,
                            long_answer_suffix=args.long_answer_suffix, max_new_tokens=args.max_new_tokens,
                            shard_size=args.shard_size, sources=names)
@@ -94,7 +117,10 @@ def collect_command(args: argparse.Namespace) -> int:
         drafter, tree = open_drafter(args.regenerate_with, target)
         generator = Generator(target, drafter, tree or TreeConfig())
     collect(target, samples, out, config, progress=not args.quiet, generator=generator)
-    print(f"collected {len(samples)} samples (layers {config.layers}) into {out}")
+    rank = distributed.current()
+    if rank.main:
+        done = "collected" if not rank.active else f"rank 0 of {rank.world} collected its shards of"
+        print(f"{done} {len(samples)} samples (layers {config.layers}) into {out}")
     return 0
 
 
@@ -129,22 +155,35 @@ def add_collect_parser(sub) -> None:
     parser.add_argument("--dtype", default="fast",
                         help="target dtype: fast (default: bf16 where the CPU computes it natively, else fp32), "
                              "checkpoint (the checkpoint's), bf16, fp16 or fp32")
+    parser.add_argument("--device-map", default=None, metavar="MAP",
+                        help="place the target with HF's device_map, e.g. auto: its layers spread over the node's "
+                             "GPUs (for a target too big for one; each torchrun process gets its own block of GPUs)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=collect_command)
 
 
 def train_command(args: argparse.Namespace) -> int:
+    from vlmspec.train import distributed
+
+    with distributed.process_group():
+        return train_in_group(args)
+
+
+def train_in_group(args: argparse.Namespace) -> int:
     from vlmspec.runtime import parse_options
-    from vlmspec.target import Target
+    from vlmspec.train import distributed
     from vlmspec.train.trainer import SUMMARY_STEPS, TrainConfig, train
 
     config = TrainConfig(drafter_type=args.drafter, steps=args.steps, minutes=args.minutes, seed=args.seed,
                          lr=args.lr, batch_size=args.batch_size, warmup=args.warmup, weight_decay=args.weight_decay,
                          clip=args.clip, bf16=not args.no_bf16, checkpoint_every=args.checkpoint_every,
                          loss=args.loss or "", curriculum=args.curriculum or "",
-                         drafter_options=parse_options(args.drafter_option), tree=args.tree, init=args.init)
-    target = Target.from_pretrained(args.target, dtype=args.dtype)
+                         drafter_options=parse_options(args.drafter_option), tree=args.tree, init=args.init,
+                         fsdp=args.fsdp, stop_at=args.stop_at)
+    target = load_target(args.target, args.dtype)
     train(target, args.data, args.out, config, progress=not args.quiet)
+    if not distributed.current().main:
+        return 0
     summary = json.loads((Path(args.out) / "train_config.json").read_text())["final_metrics"]
     shown = ", ".join(f"{key} {value:.3f}" for key, value in summary.items() if key == "loss" or key.startswith("acc@"))
     print(f"drafter written to {args.out}" + (f" (last {SUMMARY_STEPS} steps: {shown})" if shown else ""))
@@ -164,7 +203,8 @@ def add_train_parser(sub) -> None:
     parser.add_argument("--minutes", type=float, default=None, help="wall-clock budget (stops at the first limit)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="the global batch: under torchrun each of N processes takes batch-size / N samples")
     parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default min(100, steps/10))")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
@@ -181,6 +221,12 @@ def add_train_parser(sub) -> None:
                         help="start from this trained drafter of the same type (a folder or testbed:<type>) "
                              "instead of random weights, e.g. to follow a fine-tuned target")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                        help="end this run after step STEP (checkpointed; the schedule still counts --steps); "
+                             "rerun, on any number of processes, to continue")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard the drafter's weights, gradients and optimizer state across "
+                             "the processes (FSDP) instead of a whole copy per process (DDP)")
     parser.add_argument("--no-bf16", action="store_true", help="train in fp32 (default: bf16 autocast)")
     parser.add_argument("--dtype", default="fp32", help="target dtype during training (default fp32)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

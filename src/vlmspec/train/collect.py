@@ -16,6 +16,11 @@ Layout of the output folder:
     suites/…                     testbed suites generated for `--suites`
 
 Shards are written atomically; a rerun skips finished shards (resumable).
+
+Under a launcher (`torchrun --nproc-per-node N`, see `train/distributed.py`) rank r collects shards r, r + N,
+r + 2N, … of the same list, so N processes write exactly the files one process writes, and a run resumes on any N.
+Rank 0 writes `collect.json` and shows the progress bar (of its own shards). Ranks do not wait for each other at the
+end (a long wait would hit the process group's timeout): the folder is complete when the launcher returns.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from torch import Tensor
 from vlmspec.bench.suites import SuiteSample
 from vlmspec.engine import Generator
 from vlmspec.target import Target
+from vlmspec.train import distributed
 from vlmspec.verify import SamplingConfig
 
 COLLECT_VERSION = 1
@@ -141,19 +147,16 @@ def collect(target: Target, samples: Sequence[SuiteSample], out: str | Path, con
             raise ValueError(f"layer {layer} is out of range: the target has hidden states 0 … {target.num_layers}")
     out.mkdir(parents=True, exist_ok=True)
     identity = config.identity(target, len(samples))
-    meta_path = out / "collect.json"
-    if meta_path.exists():
-        previous = json.loads(meta_path.read_text())
-        if previous != identity:
-            changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
-            raise ValueError(f"{out} holds a different collection (differs in {', '.join(changed)}); "
-                             "use a new --out folder")
-    else:
-        meta_path.write_text(json.dumps(identity, indent=2) + "\n")
+    distributed.on_main(lambda: write_identity(out, identity))
+    rank = distributed.current()
     shards = [samples[i : i + config.shard_size] for i in range(0, len(samples), config.shard_size)]
-    done = sum(len(s) for k, s in enumerate(shards) if shard_path(out, k).exists())
-    bar = tqdm(total=len(samples), initial=done, desc="collect", unit="sample", disable=not progress)
-    for index, shard in enumerate(shards):
+    mine = list(range(rank.rank, len(shards), rank.world))                     # this rank's shard indices
+    done = sum(len(shards[k]) for k in mine if shard_path(out, k).exists())
+    bar = tqdm(total=sum(len(shards[k]) for k in mine), initial=done, unit="sample",
+               desc="collect" if not rank.active else f"collect (rank 0 of {rank.world})",
+               disable=not (progress and rank.main))
+    for index in mine:
+        shard = shards[index]
         path = shard_path(out, index)
         if path.exists():
             continue
@@ -168,6 +171,19 @@ def collect(target: Target, samples: Sequence[SuiteSample], out: str | Path, con
         os.replace(tmp, path)
     bar.close()
     return out
+
+
+def write_identity(out: Path, identity: dict[str, Any]) -> None:
+    """Write `collect.json`, or check that the folder's matches (a resumed run must use the same settings)."""
+    meta_path = out / "collect.json"
+    if meta_path.exists():
+        previous = json.loads(meta_path.read_text())
+        if previous != identity:
+            changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+            raise ValueError(f"{out} holds a different collection (differs in {', '.join(changed)}); "
+                             "use a new --out folder")
+    else:
+        meta_path.write_text(json.dumps(identity, indent=2) + "\n")
 
 
 def shard_path(out: Path, index: int) -> Path:

@@ -42,6 +42,10 @@ steps are weighted step_decay^(j−1) and normalised to sum 1. Options on top:
   features (steps ≥ 2) and from the true features (step 1, detached). Needs `steps >= 2`.
 
 Randomness (noise, sampled tokens) comes from torch's global generator, which the trainer checkpoints.
+
+Several processes (`train/parallel.py`): each term is a mean over this process's pairs; `step_loss` (and the KV
+term) weight it by `distributed.global_share` of its pair count, so that once DDP/FSDP average the gradients over
+the processes every term is its mean over the global batch's pairs, as in one process (where the weight is 1).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmspec.train.batch import TrainBatch
+from vlmspec.train.distributed import global_share
 
 # step(tokens [B, n], features [B, n, H], positions [B, n], mask [B|1, 1, n, K], cache) -> predicted [B, n, H]
 StepFn = Callable[[Tensor, Tensor, Tensor, Tensor, object], Tensor]
@@ -185,7 +190,9 @@ def top1_accuracy(draft_logits: Tensor, target_logits: Tensor) -> float:
 def step_loss(predicted: Tensor, next_features: Tensor, logits_fn: Callable[[Tensor], Tensor],
               config: LossConfig, target_logits_fn: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, float]:
     """Loss of one step on selected pairs: predicted, next_features [N, H] → (scalar, top-1 accuracy).
-    `target_logits_fn` maps the target's features to its logits (default: `logits_fn`, the shared lm_head)."""
+    `target_logits_fn` maps the target's features to its logits (default: `logits_fn`, the shared lm_head).
+    Under several processes the loss is this process's part of the global mean (see the module docstring)."""
+    share = global_share(predicted.shape[0])         # first: every rank reduces every term's count, even none
     draft_logits = logits_fn(predicted)                                        # [N, V]
     with torch.no_grad():
         target_logits = (target_logits_fn or logits_fn)(next_features.to(predicted.dtype))   # [N, V]
@@ -198,6 +205,7 @@ def step_loss(predicted: Tensor, next_features: Tensor, logits_fn: Callable[[Ten
         loss = loss + config.logit_weight * soft_cross_entropy(draft_logits, target_logits)
     if config.ranking_weight:
         loss = loss + config.ranking_weight * ranking_loss(draft_logits, target_logits, config.ranking_topk)
+    loss = loss * share
     return loss, top1_accuracy(draft_logits.detach(), target_logits)
 
 
@@ -275,7 +283,7 @@ def unrolled_loss(step: StepFn, new_cache: Callable[[], object], logits_fn: Call
         metrics[f"acc@{j}"] = accuracy
         if j > 1 and config.kv_consistency_weight:
             kv = kv_consistency(cache, count, j, selected)
-            loss = loss + config.kv_consistency_weight * kv
+            loss = loss + config.kv_consistency_weight * global_share(int(selected.sum())) * kv
             metrics[f"kv@{j}"] = float(kv.detach())
         inputs = shift_features(predicted, features, keep)
     if config.self_correction:
