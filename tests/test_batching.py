@@ -82,6 +82,24 @@ def test_mixed_batch_equals_alone_and_model_generate(family_setup):
     assert outcomes["near-tie"] <= MAX_EXCUSED * sum(outcomes.values()), outcomes
 
 
+def test_deferred_first_step_changes_no_output(family_setup):
+    """With the short-answer rule on (every greedy row's first step verifies its root alone and the drafter catches
+    up one step later), batched and single outputs still equal `model.generate`, for every drafter type."""
+    family, directory, target, requests, references = family_setup
+    failures = []
+    for name, drafter in drafters_of(target, directory).items():
+        generator = Generator(target, drafter, TreeConfig("dynamic", depth=3, topk=2, total_tokens=6))
+        generator.budget.short_share = 1.0
+        batch = generator.generate_batch(requests, max_batch=3)
+        generator.budget.short_share = 1.0                        # long answers above lowered it
+        alone = generator.generate(**requests[0])
+        assert not alone.stats.draft_forwards_per_step[0] and alone.stats.accepted_per_step[0] == 0
+        for index, (result, (inputs, reference)) in enumerate(zip(batch + [alone], references + references[:1])):
+            if compare_greedy(target.model, inputs, result.token_ids, reference) == "different":
+                failures.append((family, name, index, result.token_ids, reference))
+    assert not failures, failures[:3]
+
+
 def test_rows_join_mid_flight_and_batch_grows(family_setup):
     family, directory, target, requests, references = family_setup
     engine = Engine(target, build_drafter("eagle", target, seed=1), TreeConfig("chain", depth=3), max_batch=8)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from vlmspec import Generator, Target, TreeConfig, build_drafter, load_drafter, save_drafter
-from vlmspec.drafters.feature import catch_up_mask
+from vlmspec.drafters.feature import FeatureDraftBatch, catch_up_mask
 from vlmspec.drafters.vision import AttentionPool, Pairs, VisualFeatureDrafter, batch_pairs, build_layout
 from vlmspec.testing import compare_greedy, random_image, tiny_model
 from vlmspec.train.batch import TrainBatch
@@ -161,7 +161,7 @@ def test_flash_head_level_equals_the_training_head(any_target):
 
 
 @pytest.mark.parametrize("name, options", VARIANTS, ids=VARIANT_IDS)
-def test_decode_features_equal_the_training_forward(any_target, name, options):
+def test_decode_features_equal_the_training_forward(any_target, name, options, monkeypatch):
     """Catch-up predictions through the draft cache (compressed prompt, positions, verified pairs) equal the
     whole-sequence training forward at the same pairs, step after step."""
     target = any_target
@@ -171,14 +171,14 @@ def test_decode_features_equal_the_training_forward(any_target, name, options):
             if parameter.dim() == 1 and not parameter.any():
                 parameter.normal_(0, 0.5)
     recorded = []
-    original = drafter._catch_up
+    original = FeatureDraftBatch._catch_up
 
-    def recording(state):
-        feature = original(state)
-        recorded.append((state.length, feature.clone()))
-        return feature
+    def recording(batch, drafting):
+        roots = original(batch, drafting)
+        recorded.append((batch.states[0].length, roots[0].clone()))
+        return roots
 
-    drafter._catch_up = recording
+    monkeypatch.setattr(FeatureDraftBatch, "_catch_up", recording)
     rng = random.Random(9)
     images = [random_image(rng), random_image(rng)]
     prompt = "<image> the cat <image> what changed"

@@ -8,6 +8,12 @@ delivered (tokens emitted by all rows ÷ the step's wall time, drafting included
 runs the best arm and re-tries the others every `explore_every` steps, so a change of acceptance or load is
 noticed. The schedule is deterministic given the measurements.
 
+Short answers. A row's first step after its prefill also pays the drafter's catch-up over the whole prompt, which
+a one- or two-token answer (a word and EOS) never earns back. The budget keeps a moving average of how often the
+answers it saw finished within two tokens; while that share is over one half, a greedy row's first step does not
+draft (it verifies its root alone, as plain decoding does) and the catch-up waits for the second step, which a
+short answer never reaches. A long answer loses only its first step's speculation.
+
 Only greedy rows follow the budget: a greedy row's output does not depend on its tree (lossless either way), while
 a sampled row's random draws do, so sampled rows always draft the configured tree and a seeded request gets the
 same tokens whatever else runs beside it.
@@ -22,6 +28,8 @@ from vlmspec.tree import TreeConfig
 
 WARMUP = 2             # steps of each arm before exploiting
 SMOOTHING = 0.3        # weight of the newest measurement in the moving average
+SHORT_ANSWER = 2       # tokens: an answer this short finishes at its first step without any drafting
+SHORT_SMOOTHING = 0.2  # weight of the newest answer in the short-answer share
 
 
 def smaller_tree(tree: TreeConfig) -> TreeConfig:
@@ -46,6 +54,17 @@ class TreeBudget:
         self._rate: dict[tuple[int, int], float] = {}                 # (bucket, arm) → tokens/s
         self._count: dict[tuple[int, int], int] = defaultdict(int)
         self._steps: dict[int, int] = defaultdict(int)
+        self.short_share = 0.0                                       # moving share of answers <= SHORT_ANSWER
+
+    def finished(self, new_tokens: int) -> None:
+        """Record the length of a finished answer."""
+        short = float(new_tokens <= SHORT_ANSWER)
+        self.short_share = (1 - SHORT_SMOOTHING) * self.short_share + SHORT_SMOOTHING * short
+
+    @property
+    def defer_first_step(self) -> bool:
+        """Whether a greedy row's first step skips drafting (recent answers were mostly short)."""
+        return self.short_share > 0.5
 
     def choose(self, batch: int) -> int:
         """The arm index for the next step at this batch size."""

@@ -49,8 +49,8 @@ class Engine:
 
     def __init__(self, target: Target, drafter: Drafter | None = None, tree: TreeConfig | None = None,
                  max_batch: int = 16, budget: TreeBudget | None | bool = True):
-        """`budget`: the per-step tree choice for greedy rows at batch >= 2 (`budget.TreeBudget`); True: a new
-        one, False/None: always the configured tree."""
+        """`budget`: the per-step tree choice for greedy rows at batch >= 2 and their first step
+        (`budget.TreeBudget`); True: a new one, False/None: always the configured tree."""
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.target = target
@@ -209,6 +209,8 @@ class Engine:
         request.stats.prefill_seconds = request.stats.seconds = time.perf_counter() - start
         if request.finish_reason is not None:
             request.finish(target.tokenizer)
+            if self.budget is not None and request.sampling.greedy:
+                self.budget.finished(len(request.token_ids))
 
     def _retire(self, cancelled_only: bool = False) -> None:
         """Drop finished (or only cancelled) rows; the last row moves into each freed slot."""
@@ -223,6 +225,8 @@ class Engine:
             self.running[row] = self.running[-1]
             self.running.pop()
             request.finish(self.target.tokenizer, "cancelled" if cancelled else None)
+            if self.budget is not None and not cancelled and request.sampling.greedy:
+                self.budget.finished(len(request.token_ids))
 
     # ------------------------------------------------------------------ the step
     def _decode_step(self) -> None:
@@ -233,7 +237,9 @@ class Engine:
         forwards_before = [getattr(request.draft_state, "forwards", 0) for request in rows]
         drafted: list[Tree | None] = [None] * len(rows)
         if drafter is not None:
-            configs = [greedy_tree if request.sampling.greedy else self.tree for request in rows]
+            defer = self.budget is not None and self.budget.defer_first_step
+            configs = [self.tree if not request.sampling.greedy else
+                       None if defer and not request.stats.accepted_per_step else greedy_tree for request in rows]
             drafted = self.draft_batch.propose(configs, [r.sampling for r in rows], [r.generator for r in rows])
         trees = [tree if tree is not None else Tree.root_only(torch.tensor([request.root_token], device=target.device))
                  for tree, request in zip(drafted, rows)]

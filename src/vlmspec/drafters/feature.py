@@ -206,7 +206,7 @@ class FeatureDraftBatch(DraftBatch):
         depths = self.pending.add(token_tensor, parent_tensor)                                      # [B, n]
         mask = self.pending.attention_mask([state.length for state in states], width, inputs.dtype)
         starts = torch.stack([state.next_position if state.next_position is not None
-                              else torch.zeros(*sample_axes(states), dtype=torch.long, device=device)
+                              else torch.zeros(sample_axes(states), dtype=torch.long, device=device)
                               for state in states], dim=-1)                                         # [B] or [3, B]
         x = drafter.text_inputs(token_tensor, inputs, context)                                      # [B, n, X]
         out = drafter.decoder(x, starts[..., None] + depths, mask, self.cache)                     # [B, n, H]

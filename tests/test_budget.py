@@ -1,0 +1,61 @@
+"""The tree budget: which tree greedy rows draft under load, from measured throughput, and the short-answer rule."""
+
+from __future__ import annotations
+
+from vlmspec.budget import TreeBudget, bucket, smaller_tree
+from vlmspec.tree import TreeConfig
+
+TREE = TreeConfig("dynamic", depth=6, topk=4, total_tokens=24)
+
+
+def test_arms_are_the_tree_a_smaller_one_and_none():
+    budget = TreeBudget(TREE)
+    assert budget.arms == [TREE, smaller_tree(TREE), None]
+    assert smaller_tree(TREE).depth == 3 and smaller_tree(TREE).total_tokens == 12
+    assert TreeBudget(TreeConfig("chain", depth=1, total_tokens=1)).arms == [TreeConfig("chain", depth=1,
+                                                                                          total_tokens=1), None]
+    assert [bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
+
+
+def run(budget: TreeBudget, batch: int, rates: dict[int, float], steps: int) -> list[int]:
+    """Drive `steps` choices, feeding each arm's tokens/s from `rates`; return the arms chosen."""
+    chosen = []
+    for _ in range(steps):
+        arm = budget.choose(batch)
+        budget.record(batch, arm, tokens=int(rates[arm] * 10), seconds=10.0)
+        chosen.append(arm)
+    return chosen
+
+
+def test_tries_every_arm_then_runs_the_fastest_and_keeps_checking_the_others():
+    budget = TreeBudget(TREE, explore_every=8)
+    chosen = run(budget, 8, {0: 50.0, 1: 80.0, 2: 60.0}, 64)
+    assert chosen[:6] == [0, 0, 1, 1, 2, 2]                       # each arm measured first, in order
+    later = chosen[6:]
+    assert later.count(1) >= len(later) * 0.8                      # the smaller tree is the fastest here
+    assert {0, 2} <= set(later)                                    # the others are re-tried now and then
+
+
+def test_no_drafting_wins_when_speculation_does_not_pay():
+    budget = TreeBudget(TREE)
+    chosen = run(budget, 16, {0: 20.0, 1: 30.0, 2: 90.0}, 48)
+    assert chosen[-10:].count(2) >= 9
+
+
+def test_buckets_learn_separately():
+    budget = TreeBudget(TREE)
+    run(budget, 2, {0: 90.0, 1: 50.0, 2: 40.0}, 30)
+    run(budget, 16, {0: 20.0, 1: 30.0, 2: 90.0}, 30)
+    rates = budget.rates()
+    assert max(rates[2], key=rates[2].get) == "dynamic/d6/k4/24" and max(rates[16], key=rates[16].get) == "none"
+
+
+def test_first_step_is_deferred_only_while_answers_are_mostly_short():
+    budget = TreeBudget(TREE)
+    assert not budget.defer_first_step
+    for _ in range(6):
+        budget.finished(2)
+    assert budget.defer_first_step
+    for _ in range(6):
+        budget.finished(40)
+    assert not budget.defer_first_step
