@@ -2,7 +2,8 @@
 every tree is just its root.
 
 One engine step, over the B running requests (rows):
-    for each row: drafter.propose → that row's tree (its own sampling settings and random generator)
+    draft_batch.propose → each row's tree (its own tree, sampling settings and random generator; the feature
+                          drafters run each draft level for all rows in one forward)
     target.verify(all rows' trees, stacked)             one target forward
     for each row: verify_greedy / verify_sampling        the row's own settings and generator
     target.commit_rows                                    in-place gather of each row's accepted path
@@ -13,9 +14,9 @@ own causal mask), emits its first token, and joins the batch as a new cache row.
 
 Why each row stays lossless: a row's tokens are chosen only from its own logits, with its own settings and its
 own `torch.Generator`, by the same verification functions as alone; the batched forward gives each row exactly
-its own attention (its prefix and its tree's ancestors, through the 4D mask) at its own positions. Drafting is
-per row (batch 1) and only shapes the tree. So a request's output is the same in a batch as alone, up to
-floating-point rounding of the batched forward, which can flip a near-tie (docs/engine.md).
+its own attention (its prefix and its tree's ancestors, through the 4D mask) at its own positions. Drafting only
+shapes the tree. So a request's output is the same in a batch as alone, up to floating-point rounding of the
+batched forward, which can flip a near-tie (docs/engine.md).
 """
 
 from __future__ import annotations
