@@ -192,10 +192,11 @@ class Engine:
             self._prefill(request)
 
     def _prefill(self, request: Request) -> None:
-        """Run the prompt alone, emit the first token, and add the request as a new row (unless it is done)."""
+        """Run the prompt alone into a new row, emit the first token, and keep the row unless the request is done."""
         target, drafter = self.target, self.drafter
         start = time.perf_counter()
-        state, prefill = target.prefill(request.inputs)
+        room = request.max_new_tokens + self.tree.total_tokens + self.tree.depth + 1   # the answer and a tree
+        _, prefill = target.prefill(request.inputs, into=self.state, room=room)
         token = choose_token(prefill.logits[0], request.sampling, request.generator)
         if drafter is not None:
             request.draft_state = drafter.begin(target, prefill, token)
@@ -203,10 +204,11 @@ class Engine:
         request.stats.target_forwards = 1
         request.emit([token], [0], self._eos, target.tokenizer)
         if request.finish_reason is None:
-            self.state.add_row(state)
             self.running.append(request)
             if drafter is not None:
                 self.draft_batch.add(request.draft_state)
+        else:
+            self.state.remove_row(self.state.rows - 1)
         request.stats.prefill_seconds = request.stats.seconds = time.perf_counter() - start
         if request.finish_reason is not None:
             request.finish(target.tokenizer)

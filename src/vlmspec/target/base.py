@@ -10,7 +10,7 @@ verify tree, or a draft model's tree level by level; every row gets the same num
 each attends to its row's whole prefix and to its ancestors-or-self among the pending nodes, at position
 prefix length + depth. `commit_rows(paths)` compacts each row's kept pending nodes (an accepted root-to-node
 path) right after its prefix, in place, and drops the rest. `prefill` makes a one-row state; the batched engine
-moves rows in and out of one state between steps (`TargetState.add_row` / `remove_row`).
+prefills each request straight into its batch's state (`prefill(into=…)`) and drops rows with `remove_row`.
 """
 
 from __future__ import annotations
@@ -54,15 +54,16 @@ class TargetState:
     def rows(self) -> int:
         return len(self.lengths)
 
-    def add_row(self, other: "TargetState") -> int:
-        """Append the one committed row of `other` (e.g. a fresh prefill) as a new row; returns its index."""
-        if other.rows != 1 or len(other.pending) or len(self.pending):
-            raise ValueError("add_row takes a one-row state, both without pending nodes")
-        row = self.cache.add_row(other.cache, other.lengths[0])
-        self.lengths.append(other.lengths[0])
-        if other.position_offset is not None:
+    def add_row(self, cache, length: int, position_offset: Tensor | None, room: int = 0) -> int:
+        """Append row 0 of `cache` (its first `length` entries: a prompt's prefill cache) as a new committed row,
+        reserving `room` more entries; returns its index."""
+        if len(self.pending):
+            raise ValueError("rows join a state without pending nodes")
+        row = self.cache.add_row(cache, length, room)
+        self.lengths.append(length)
+        if position_offset is not None:
             offsets = [] if self.position_offset is None else [self.position_offset]
-            self.position_offset = torch.cat(offsets + [other.position_offset])
+            self.position_offset = torch.cat(offsets + [position_offset])
         self.pending = PendingNodes.empty(self.rows, self.pending.tokens.device)
         return row
 
@@ -220,9 +221,11 @@ class Target:
 
     # ------------------------------------------------------------------ forward passes
     @torch.no_grad()
-    def prefill(self, inputs: dict[str, Tensor]) -> tuple[TargetState, PrefillOutput]:
-        """Run the prompt (vision once, the model's own causal mask) into a new one-row state; returns the state
-        and what drafters need."""
+    def prefill(self, inputs: dict[str, Tensor], into: TargetState | None = None,
+                room: int = 0) -> tuple[TargetState, PrefillOutput]:
+        """Run the prompt (vision once, the model's own causal mask) and keep it as a new row of `into` (a batch's
+        state; None: a new one-row state), with `room` more cache entries reserved; returns the state and what
+        drafters need."""
         input_ids = inputs["input_ids"]                                    # [1, S]
         batch, length = input_ids.shape
         if batch != 1:
@@ -238,10 +241,8 @@ class Target:
             positions = torch.arange(length, device=input_ids.device).expand(batch, -1)
         image_token = self.family.image_token_id(self.model)
         image_mask = input_ids == image_token if image_token is not None else torch.zeros_like(input_ids, dtype=torch.bool)
-        cache = RowCache(self.num_layers)
-        cache.add_row(prompt_cache, length)
-        state = TargetState(cache=cache, lengths=[length], pending=PendingNodes.empty(1, input_ids.device),
-                            position_offset=offset)
+        state = into if into is not None else TargetState.empty(self.num_layers, input_ids.device)
+        state.add_row(prompt_cache, length, offset, room)
         result = PrefillOutput(logits=outputs.logits[:, -1].float(), hidden_states=tuple(outputs.hidden_states),
                                input_ids=input_ids, image_mask=image_mask, image_spans=image_spans(image_mask),
                                positions=positions, inputs=inputs)

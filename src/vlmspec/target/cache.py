@@ -112,13 +112,13 @@ class RowCache(Cache):
         return layer.keys[:batch, :, :span], layer.values[:batch, :, :span]
 
     # ------------------------------------------------------------------ row bookkeeping
-    def add_row(self, source: Cache, length: int) -> int:
+    def add_row(self, source: Cache, length: int, room: int = 0) -> int:
         """A new row at the end holding the first `length` entries of row 0 of `source` (a cache whose layers have
-        `keys`/`values` [rows, heads, seq, head_dim]: the prefill's `DynamicCache`, another `RowCache`); returns
-        its index."""
+        `keys`/`values` [rows, heads, seq, head_dim]: the prefill's `DynamicCache`, another `RowCache`), with room
+        for `room` more entries reserved; returns its index."""
         row = self.rows
         self.ends.append(0)
-        self._reserve(row + 1, length, source.layers[0].keys)
+        self._reserve(row + 1, length + room, source.layers[0].keys)
         for layer, other in zip(self.layers, source.layers):
             layer.keys[row, :, :length] = other.keys[0, :, :length]
             layer.values[row, :, :length] = other.values[0, :, :length]
