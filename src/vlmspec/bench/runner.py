@@ -22,6 +22,7 @@ import torch
 
 from vlmspec.bench import costs as cost_model
 from vlmspec.bench import metrics
+from vlmspec.bench.grounding import grounded_mask, ground_truth_words, token_sources
 from vlmspec.bench.peers import Peer, open_peer
 from vlmspec.bench.suites import SuiteSample, load_suites
 from vlmspec.engine import GenerationResult, Generator
@@ -122,6 +123,7 @@ class Arm:
                 "prefill_seconds": stats.prefill_seconds, "decode_seconds": stats.decode_seconds,
                 "draft_seconds": stats.draft_seconds, "verify_seconds": stats.verify_seconds,
                 "accepted_per_step": stats.accepted_per_step, "draft_forwards_per_step": stats.draft_forwards_per_step,
+                "token_sources": token_sources(stats.accepted_per_step, stats.new_tokens),
                 "tree_nodes_per_step": stats.tree_nodes_per_step, "tree_depth_per_step": stats.tree_depth_per_step}
 
 
@@ -256,6 +258,7 @@ def run_sample(arms: list[Arm], target: Target, sample: SuiteSample, temperature
                config: BenchConfig, on_text: TextCallback | None) -> list[dict]:
     """All arms × temperatures on one sample; plain decoding first, so each record can name its divergence."""
     inputs = encode(target, sample)
+    words = ground_truth_words(sample.reference, bool(sample.images))
     lines = []
     for temperature in temperatures:
         seed = sample_seed(config.seed, sample, temperature)
@@ -270,11 +273,13 @@ def run_sample(arms: list[Arm], target: Target, sample: SuiteSample, temperature
                 plain_tokens = result["token_ids"]
             greedy_ok = temperature == 0 and result["status"] == "ok" and plain_tokens is not None
             divergence = metrics.first_divergence(result["token_ids"], plain_tokens) if greedy_ok else None
+            grounded = grounded_mask(target.tokenizer, result["token_ids"], words) \
+                if words and result["status"] == "ok" else None
             lines.append({"suite": sample.suite, "id": sample.id, "category": sample.category, "arm": arm.name,
                           "kind": arm.kind, "temperature": temperature, "seed": seed,
                           "prompt_tokens": int(inputs["input_ids"].shape[1]), **result,
                           "diverged": (divergence is not None) if greedy_ok else None,
-                          "first_divergence": divergence})
+                          "first_divergence": divergence, "grounded": grounded})
     return lines
 
 
@@ -328,5 +333,9 @@ def build_summary(config: BenchConfig, arms: list[Arm], records: list[dict], cos
                                                     "draft tokens emitted per verify step (ViSpec's τ−1)",
                             "speedup": "(new tokens / decode seconds) ÷ plain's, totals over the suite, prefill "
                                        "excluded; across suites: geometric mean",
+                            "e2e_speedup": "(new tokens / seconds, prefill included) ÷ plain's, totals over the "
+                                           "suite: what a user waiting for whole answers sees",
+                            "ttft": "median over samples of prefill_seconds: the prompt's target forward, which "
+                                    "emits the first token, plus the drafter's catch-up before it is committed",
                             "efficiency": "speedup / (τ·c(1) / (mean c(verify tree) + mean c_draft(step)))"},
             "costs": costs, **summary, **environment(target)}
