@@ -83,8 +83,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                              "hf-prompt-lookup[:N]")
     parser.add_argument("--temperatures", default="0", help="comma-separated, e.g. 0,1 (0 = greedy)")
     parser.add_argument("--tree", default=None,
-                        help="draft tree for every drafter arm, e.g. kind=dynamic,depth=6,topk=8,total=32 "
-                             "(default: each drafter's recommended tree)")
+                        help="draft tree for every drafter arm: auto, recommended, or explicit, e.g. "
+                             "kind=dynamic,depth=6,topk=8,total=32 (default: auto for checkpoints, the default "
+                             "tree for untrained types; see `vlmspec generate --help`)")
     parser.add_argument("--trees", default="", metavar="TREE;TREE…",
                         help="run every drafter arm under each of these trees, as arms 'DRAFTER [TREE]' (compare "
                              "trees on the same samples in one process; `vlmspec tune` ranks them)")

@@ -27,10 +27,9 @@ from vlmspec.bench.peers import Peer, open_peer
 from vlmspec.bench.suites import SuiteSample, load_suites
 from vlmspec.engine import GenerationResult, Generator
 from vlmspec.hardware import native_bf16
-from vlmspec.runtime import open_drafter
+from vlmspec.runtime import check_tree, open_drafter, resolve_tree
 from vlmspec.target import Target
 from vlmspec.target.families import resolve_dtype
-from vlmspec.tree import TreeConfig
 from vlmspec.verify import SamplingConfig
 
 # config keys that must match for --resume to append to an existing run
@@ -80,9 +79,9 @@ class BenchConfig:
         if len(set(self.drafters)) != len(self.drafters) or len(set(self.peers)) != len(self.peers):
             raise ValueError("an arm is listed twice in --drafters or --peers")
         if self.tree:
-            TreeConfig.parse(self.tree)
+            check_tree(self.tree)
         for tree in self.trees:
-            TreeConfig.parse(tree)
+            check_tree(tree)
         if self.trees and self.tree or len(set(self.trees)) != len(self.trees):
             raise ValueError("give one --tree or distinct --trees, not both")
         for option in self.drafter_options:
@@ -92,7 +91,7 @@ class BenchConfig:
             if option[len(arm) + 1:].startswith("tree="):
                 if self.trees:
                     raise ValueError(f"drafter option {option!r}: an arm's own tree and --trees exclude each other")
-                TreeConfig.parse(option[len(arm) + 1 + len("tree="):])
+                check_tree(option[len(arm) + 1 + len("tree="):])
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -143,24 +142,19 @@ def tree_arm_name(drafter: str, tree: str) -> str:
 
 def open_arms(config: BenchConfig, target: Target) -> list[Arm]:
     """Plain decoding first, then each drafter, then each peer. An arm's tree: its own `ARM:tree=…` option, else
-    `--tree`, else the checkpoint's recommended tree, else the default; with `--trees`, one arm per drafter and
+    `--tree`, else `runtime.resolve_tree`'s default (`auto` for a checkpoint); with `--trees`, one arm per drafter and
     tree (one drafter object: its state lives in each generation, not in it)."""
     arms = [Arm("none", "vlmspec", Generator(target, None), tree=None)]
-    tree = TreeConfig.parse(config.tree) if config.tree else None
     for name in config.drafters:
         if name == "none":
             continue
         options = [o[len(name) + 1:] for o in config.drafter_options if o.startswith(name + ":")]
-        own_tree = [TreeConfig.parse(o[len("tree="):]) for o in options if o.startswith("tree=")]
+        own_tree = [o[len("tree="):] for o in options if o.startswith("tree=")]
         drafter, recommended = open_drafter(name, target, [o for o in options if not o.startswith("tree=")])
-        if config.trees:
-            for text in config.trees:
-                each = TreeConfig.parse(text)
-                arms.append(Arm(tree_arm_name(name, text), "vlmspec", Generator(target, drafter, each),
-                                tree=each.to_dict()))
-            continue
-        resolved = (own_tree or [None])[-1] or tree or recommended or TreeConfig()
-        arms.append(Arm(name, "vlmspec", Generator(target, drafter, resolved), tree=resolved.to_dict()))
+        for text in config.trees or [(own_tree or [config.tree])[-1]]:
+            resolved = resolve_tree(text, target, name, drafter, recommended)
+            arm_name = tree_arm_name(name, text) if config.trees else name
+            arms.append(Arm(arm_name, "vlmspec", Generator(target, drafter, resolved), tree=resolved.to_dict()))
     arms += [Arm(peer.name, "peer", peer=peer) for peer in (open_peer(spec, target) for spec in config.peers)]
     return arms
 

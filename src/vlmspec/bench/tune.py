@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -75,9 +76,11 @@ def save_target(drafter: str, dest: Path) -> Path:
     return source
 
 
-def save_with_tree(drafter: str, tree: str, dest: Path) -> Path:
+def save_with_tree(drafter: str, tree: str, dest: Path, summary: dict | None = None) -> Path:
     """Copy the drafter checkpoint to `dest` (which must not exist or be empty) with `tree` as its recommended
-    tree; weights and the rest of its config unchanged."""
+    tree and, from the tune's bench `summary`, its acceptance profile for `--tree auto` (`autotree`; kept as it was
+    when the candidate trees hold no chain); weights and the rest of its config unchanged."""
+    from vlmspec.autotree import profile_from_summary
     from vlmspec.drafters.base import read_drafter_meta
 
     dest = Path(dest)
@@ -85,6 +88,12 @@ def save_with_tree(drafter: str, tree: str, dest: Path) -> Path:
     meta = read_drafter_meta(source)
     shutil.copytree(source, dest, dirs_exist_ok=True)
     meta["tree"] = TreeConfig.parse(tree).to_dict()
+    if summary is not None:
+        tokens_per_forward = int(meta.get("config", {}).get("tokens_per_forward", 1) or 1)
+        try:
+            meta["acceptance"] = profile_from_summary(summary, drafter, tokens_per_forward).to_dict()
+        except ValueError as error:
+            print(f"acceptance profile not updated: {error}", file=sys.stderr)
     (dest / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return dest
 
@@ -111,8 +120,10 @@ def tune_command(args: argparse.Namespace) -> int:
     print(table(rows))
     print(f"\nfastest: --tree {rows[0]['tree']}  (the bench report: {Path(args.out) / 'report.md'})")
     if args.save:
-        saved = save_with_tree(args.drafter, rows[0]["tree"], Path(args.save))
-        print(f"saved: {saved} (the weights of {args.drafter}, recommending that tree)")
+        summary = json.loads((Path(args.out) / "summary.json").read_text())
+        saved = save_with_tree(args.drafter, rows[0]["tree"], Path(args.save), summary)
+        print(f"saved: {saved} (the weights of {args.drafter}, recommending that tree, with the acceptance "
+              f"profile --tree auto reads)")
     return 0
 
 
