@@ -102,3 +102,24 @@ def test_grounded_acceptance_skips_the_first_token_and_unmarked_records():
     # after the first token: grounded (1, 0) → 1 of 2 accepted; rest (2, 0) → 1 of 2
     assert rates == {"grounded_tokens": 2, "grounded_accept_rate": 0.5, "rest_tokens": 2, "rest_accept_rate": 0.5}
     assert metrics.grounded_acceptance([b])["grounded_accept_rate"] is None
+
+
+def test_concurrency_sweep_writes_table_plot_and_records(tiny, suite, tmp_path):
+    """`vlmspec bench --concurrency`: plain and speculative batching on the same requests through the engine."""
+    from vlmspec.cli import main
+
+    out = tmp_path / "sweep"
+    assert main(["bench", "--target", str(tiny), "--suite-file", str(suite), "--drafters", "none,eagle",
+                 "--tree", "kind=chain,depth=2", "--concurrency", "1,2", "--max-new-tokens", "6", "--dtype", "fp32",
+                 "--warmup", "0", "--out", str(out), "--quiet"]) == 0
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 3 * 2 * 2                                     # requests × concurrency levels × arms
+    summary = json.loads((out / "summary.json").read_text())
+    for row in summary["rows"]:
+        mine = [r for r in records if (r["arm"], r["concurrency"]) == (row["arm"], row["concurrency"])]
+        assert row["tokens_per_second"] == pytest.approx(sum(r["new_tokens"] for r in mine) / mine[0]["run_seconds"])
+    plain = {(r["id"], r["concurrency"]): r["token_ids"] for r in records if r["arm"] == "none"}
+    assert all(r["token_ids"] == plain[(r["id"], r["concurrency"])] for r in records)       # lossless at batch 2
+    assert {r["concurrency"] for r in summary["across_suites"]} == {1, 2}
+    assert "× plain" in (out / "report.md").read_text() and (out / "throughput.png").stat().st_size > 1000
+    assert main(["bench", "--suite-file", str(suite), "--concurrency", "0,2", "--out", str(tmp_path / "x")]) == 2

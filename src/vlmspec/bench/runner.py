@@ -61,6 +61,7 @@ class BenchConfig:
     drafter_options: tuple[str, ...] = ()       # "ARM:KEY=VALUE", e.g. "draft-model:model=DIR", "eagle:tree=…"
     cost_repeats: int = 11
     plots: bool = True
+    concurrency: tuple[int, ...] = ()           # a throughput sweep through the batched engine (`throughput`)
 
     def __post_init__(self) -> None:
         if not self.suites and not self.suite_files:
@@ -84,6 +85,11 @@ class BenchConfig:
             check_tree(tree)
         if self.trees and self.tree or len(set(self.trees)) != len(self.trees):
             raise ValueError("give one --tree or distinct --trees, not both")
+        if any(not isinstance(c, int) or c < 1 for c in self.concurrency):
+            raise ValueError(f"concurrency levels must be integers >= 1, got {list(self.concurrency)}")
+        if self.concurrency and (self.peers or self.trees or self.resume):
+            raise ValueError("--concurrency runs plain and drafter arms through the batched engine: no --peers, "
+                             "--trees or --resume")
         for option in self.drafter_options:
             arm = next((a for a in self.drafters if option.startswith(a + ":")), None)
             if arm is None:
@@ -206,8 +212,14 @@ def prepare_out(config: BenchConfig, out: Path, keys_per_sample: set[tuple[str, 
 
 
 def run_bench(config: BenchConfig, progress: bool = True, on_text: TextCallback | None = None) -> Path:
-    """Run the bench and write records.jsonl, summary.json, report.md and plots into `config.out`."""
+    """Run the bench and write records.jsonl, summary.json, report.md and plots into `config.out` (with
+    `concurrency`: the throughput sweep of `vlmspec.bench.throughput`)."""
     from tqdm import tqdm
+
+    if config.concurrency:
+        from vlmspec.bench.throughput import run_throughput
+
+        return run_throughput(config, progress)
 
     suites = load_suites(list(config.suites), list(config.suite_files))
     if config.limit:
