@@ -16,7 +16,8 @@ The model (docs/drafters.md, "`--tree auto`"):
   cumulative probabilities (each level: `topk` children of the `topk` best nodes of the level before, no children
   below `min_prob`; keep the `total` best nodes).
 - **Cost of a step per request** at batch B with n verified nodes (root included): c(B·n)/B for the verify forward
-  (B rows of n tokens priced as one forward of B·n tokens) plus the draft: (F + 1) draft forwards (F to build the
+  (B rows of n tokens priced as one forward of B·n tokens; c between and past the probed k by `costs.interpolate`,
+  linear, the last segment's slope beyond) plus the draft: (F + 1) draft forwards (F to build the
   tree, one to catch up on the accepted tokens) at c_draft · c(B)/c(1) each (a draft forward scales with batch as
   the target's does), shared by the B rows. F = depth levels / the drafter's tokens per forward.
 - **Expected tokens per second per request** = (1 + E[accepted]) / (cost of a step per request). Plain decoding
@@ -29,6 +30,7 @@ The model (docs/drafters.md, "`--tree auto`"):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
@@ -123,17 +125,26 @@ def expected_shape(tree: TreeConfig, profile: AcceptanceProfile) -> tuple[list[f
         return chances, len(chances)
     if tree.kind != "dynamic":
         raise ValueError(f"--tree auto models chain and dynamic trees, not {tree.kind!r}")
+    nodes, levels = _dynamic_nodes(tree.depth, tree.topk, tree.min_prob, profile)
+    return list(nodes[: tree.total_tokens]), levels
+
+
+@functools.lru_cache(maxsize=4096)
+def _dynamic_nodes(max_depth: int, topk: int, min_prob: float,
+                   profile: AcceptanceProfile) -> tuple[tuple[float, ...], int]:
+    """Every node's chance of a dynamic tree before the `total` cut, best first, and the levels drafted (the cut
+    does not change them: the builder drafts every level first). Cached: the candidate grid shares them."""
     nodes: list[float] = []
     frontier, levels = [1.0], 0
-    for depth in range(1, tree.depth + 1):
-        frontier = [c for c in frontier if c >= tree.min_prob]
+    for depth in range(1, max_depth + 1):
+        frontier = [c for c in frontier if c >= min_prob]
         if not frontier:
             break
-        level = [parent * profile.rank_mass(depth, rank) for parent in frontier for rank in range(1, tree.topk + 1)]
+        level = [parent * profile.rank_mass(depth, rank) for parent in frontier for rank in range(1, topk + 1)]
         nodes += level
         levels = depth
-        frontier = sorted(level, reverse=True)[: tree.topk]
-    return sorted(nodes, reverse=True)[: tree.total_tokens], levels
+        frontier = sorted(level, reverse=True)[:topk]
+    return tuple(sorted(nodes, reverse=True)), levels
 
 
 def step_seconds(costs: Mapping[int, float], nodes: int, draft_forwards: int, c_draft: float, batch: int) -> float:
