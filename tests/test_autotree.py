@@ -9,7 +9,7 @@ import pytest
 
 from vlmspec import Generator, Target, build_drafter, save_drafter
 from vlmspec import probe
-from vlmspec.autotree import AcceptanceProfile, candidates, choose_tree, evaluate, expected_shape, \
+from vlmspec.autotree import AcceptanceProfile, candidates, choose_tree, evaluate, expected_shape, monotone, \
     profile_from_summary
 from vlmspec.runtime import checkpoint_profile, check_tree, resolve_tree
 from vlmspec.testing import save_tiny_model
@@ -95,6 +95,14 @@ def test_profile_round_trip_and_errors():
         AcceptanceProfile.from_dict({"by_depth": [0.9], "colour": 1})
     with pytest.raises(ValueError, match="costs"):
         choose_tree({}, 0.0, profile)
+
+
+def test_model_caps_rates_and_smooths_costs():
+    profile = AcceptanceProfile(by_depth=(1.0, 0.8), by_rank=(0.9, 1.0, 1.0))
+    assert profile.depth_rate(1) == 0.98 and profile.depth_rate(7) == pytest.approx(0.9)   # cap; mean past d=2
+    # C(3) = 1 measured: the third choice still removes at most RANK_GAIN² of the misses
+    assert profile.rank_mass(2, 1) + profile.rank_mass(2, 2) + profile.rank_mass(2, 3) < 1.0
+    assert monotone({1: 1.0, 2: 1.5, 4: 1.3, 8: 2.0}) == {1: 1.0, 2: 1.3, 4: 1.3, 8: 2.0}
 
 
 def test_profile_from_a_tune_summary():

@@ -6,16 +6,17 @@ The model (docs/drafters.md, "`--tree auto`"):
 - **Acceptance profile** of a drafter: `by_depth[d-1]` = a_d, the chance that the draft's *first choice* at depth d
   is accepted given its parent was (a chain's acceptance by depth); `by_rank[k-1]` = C(k), the chance that the
   target's token is among the draft's first k choices at depth 1 (a top-k tree's depth-1 acceptance; C(1) = a_1).
-  Beyond the measured depths the last a_d holds; beyond the measured ranks, the last C(k).
+  Beyond the measured depths the mean measured a_d holds; beyond the measured ranks, the last C(k). The model
+  caps every rate at `MAX_RATE` and lets the k-th choice remove at most `RANK_GAIN`^(k−1) of the misses (below).
 - **Rank at depth d.** Width shrinks the miss rate at every depth in the proportion measured at depth 1:
-  miss_d(k) = (1 − a_d) · (1 − C(k)) / (1 − C(1)), and the k-th choice is accepted with the mass
+  miss_d(k) = (1 − a_d) · max((1 − C(k)) / (1 − C(1)), RANK_GAIN^(k−1)), and the k-th choice is accepted with the mass
   m_d(k) = miss_d(k − 1) − miss_d(k) (miss_d(0) = 1, so m_d(1) = a_d).
 - **A node's chance** to be on the accepted path is the product of m_d(rank) along its path; the expected number of
   accepted tokens of a tree is the sum over its nodes. A chain of depth D: sum_{d<=D} prod_{i<=d} a_i.
   A dynamic tree: its expected shape, built as `TreeBuilder` builds it with these chances in place of the draft's
   cumulative probabilities (each level: `topk` children of the `topk` best nodes of the level before, no children
   below `min_prob`; keep the `total` best nodes).
-- **Cost of a step per request** at batch B with n verified nodes (root included): c(B·n)/B for the verify forward
+- **Cost of a step per request** (c(k) first made non-decreasing in k: `monotone`) at batch B with n verified nodes (root included): c(B·n)/B for the verify forward
   (B rows of n tokens priced as one forward of B·n tokens; c between and past the probed k by `costs.interpolate`,
   linear, the last segment's slope beyond) plus the draft: (F + 1) draft forwards (F to build the
   tree, one to catch up on the accepted tokens) at c_draft · c(B)/c(1) each (a draft forward scales with batch as
@@ -32,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -39,6 +41,11 @@ from vlmspec.bench.costs import interpolate
 from vlmspec.tree import TreeConfig
 
 MAX_DEPTH = 12
+# A rate of 1.0 measured on a few hundred steps does not make a perfect drafter: the model caps every rate here,
+# and lets each further choice remove at most this share of the misses left (else a measured C(4) = 1 would promise
+# acceptance 1 at every depth to any top-4 tree).
+MAX_RATE = 0.98
+RANK_GAIN = 0.5
 TOPKS = (2, 3, 4, 6, 8)
 TOTALS = (4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
 
@@ -80,12 +87,14 @@ class AcceptanceProfile:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def depth_rate(self, depth: int) -> float:
-        return self.by_depth[min(depth, len(self.by_depth)) - 1]
+        """a_d as the model uses it: measured, else the mean of the measured depths; at most `MAX_RATE`."""
+        rate = self.by_depth[depth - 1] if depth <= len(self.by_depth) else statistics.fmean(self.by_depth)
+        return min(rate, MAX_RATE)
 
     def coverage(self, k: int) -> float:
-        """C(k); without rank data, width is assumed to add nothing (C(k) = a_1)."""
+        """C(k) as the model uses it (at most `MAX_RATE`); without rank data, width is assumed to add nothing."""
         ranks = self.by_rank or self.by_depth[:1]
-        return max(ranks[min(k, len(ranks)) - 1], ranks[0])
+        return min(max(ranks[min(k, len(ranks)) - 1], ranks[0]), MAX_RATE)
 
     def rank_mass(self, depth: int, rank: int) -> float:
         """m_d(k): the chance that the k-th choice at depth d is accepted given its parent was."""
@@ -94,8 +103,7 @@ class AcceptanceProfile:
     def _miss(self, depth: int, k: int) -> float:
         if k == 0:
             return 1.0
-        first = self.coverage(1)
-        shrink = (1 - self.coverage(k)) / (1 - first) if first < 1 else 1.0
+        shrink = max((1 - self.coverage(k)) / (1 - self.coverage(1)), RANK_GAIN ** (k - 1))
         return (1 - self.depth_rate(depth)) * shrink
 
 
@@ -172,6 +180,17 @@ def candidates(max_nodes: int = 64) -> list[TreeConfig]:
     return trees
 
 
+def monotone(costs: Mapping[int, float]) -> dict[int, float]:
+    """c(k) made non-decreasing in k (c(k) = min over j >= k of c(j)): a forward on more tokens is not cheaper, so a
+    probe's noise (a preempted k = 2) must not make a wider tree look free."""
+    out: dict[int, float] = {}
+    lowest = math.inf
+    for k in sorted(costs, reverse=True):
+        lowest = min(lowest, costs[k])
+        out[k] = lowest
+    return dict(sorted(out.items()))
+
+
 def choose_tree(costs: Mapping[int, float], c_draft: float, profile: AcceptanceProfile, batch: int = 1,
                 trees: Iterable[TreeConfig] | None = None) -> Choice:
     """The tree of highest expected tokens per second per request; ties go to fewer nodes, then shallower, then a
@@ -180,6 +199,7 @@ def choose_tree(costs: Mapping[int, float], c_draft: float, profile: AcceptanceP
         raise ValueError(f"costs must map k >= 1 to positive seconds, got {dict(costs)}")
     if c_draft < 0 or batch < 1:
         raise ValueError(f"need c_draft >= 0 and batch >= 1, got {c_draft}, {batch}")
+    costs = monotone(costs)
     pool = list(trees) if trees is not None else candidates()
     if not pool:
         raise ValueError("no candidate trees")
