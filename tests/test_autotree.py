@@ -44,7 +44,8 @@ def test_chain_choice_by_hand():
 
 def test_dynamic_expected_shape_by_hand():
     profile = AcceptanceProfile(by_depth=(0.8,), by_rank=(0.8, 0.9))
-    # m(1) = 0.8, m(2) = 0.2 − 0.2 · (1 − 0.9) / (1 − 0.8) = 0.1; level 1: 0.8, 0.1; level 2: 0.64, 0.08, 0.08, 0.01
+    # m(1) = 0.8, m(2) = 0.2 − 0.2 · (1 − 0.9) / (1 − 0.8) = 0.1
+    # level 1: 0.8, 0.1; level 2: 0.64, 0.08, 0.08, 0.01
     chances, levels = expected_shape(TreeConfig(kind="dynamic", depth=2, topk=2, total_tokens=4), profile)
     assert chances == pytest.approx([0.8, 0.64, 0.1, 0.08]) and levels == 2
     wide = TreeConfig(kind="dynamic", depth=2, topk=2, total_tokens=6)

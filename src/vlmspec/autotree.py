@@ -9,18 +9,18 @@ The model (docs/drafters.md, "`--tree auto`"):
   Beyond the measured depths the mean measured a_d holds; beyond the measured ranks, the last C(k). The model
   caps every rate at `MAX_RATE` and lets the k-th choice remove at most `RANK_GAIN`^(k−1) of the misses (below).
 - **Rank at depth d.** Width shrinks the miss rate at every depth in the proportion measured at depth 1:
-  miss_d(k) = (1 − a_d) · max((1 − C(k)) / (1 − C(1)), RANK_GAIN^(k−1)), and the k-th choice is accepted with the mass
-  m_d(k) = miss_d(k − 1) − miss_d(k) (miss_d(0) = 1, so m_d(1) = a_d).
+  miss_d(k) = (1 − a_d) · max((1 − C(k)) / (1 − C(1)), RANK_GAIN^(k−1)), and the k-th choice is accepted with
+  the mass m_d(k) = miss_d(k − 1) − miss_d(k) (miss_d(0) = 1, so m_d(1) = a_d).
 - **A node's chance** to be on the accepted path is the product of m_d(rank) along its path; the expected number of
   accepted tokens of a tree is the sum over its nodes. A chain of depth D: sum_{d<=D} prod_{i<=d} a_i.
   A dynamic tree: its expected shape, built as `TreeBuilder` builds it with these chances in place of the draft's
   cumulative probabilities (each level: `topk` children of the `topk` best nodes of the level before, no children
   below `min_prob`; keep the `total` best nodes).
-- **Cost of a step per request** (c(k) first made non-decreasing in k: `monotone`) at batch B with n verified nodes (root included): c(B·n)/B for the verify forward
-  (B rows of n tokens priced as one forward of B·n tokens; c between and past the probed k by `costs.interpolate`,
-  linear, the last segment's slope beyond) plus the draft: (F + 1) draft forwards (F to build the
-  tree, one to catch up on the accepted tokens) at c_draft · c(B)/c(1) each (a draft forward scales with batch as
-  the target's does), shared by the B rows. F = depth levels / the drafter's tokens per forward.
+- **Cost of a step per request** at batch B with n verified nodes (root included): c(B·n)/B for the verify forward
+  (B rows of n tokens priced as one forward of B·n tokens; c(k) made non-decreasing in k by `monotone`, then
+  interpolated linearly by `costs.interpolate`, the last segment's slope past the probed k) plus the draft: (F + 1)
+  draft forwards (F to build the tree, one to catch up on the accepted tokens) at c_draft · c(B)/c(1) each (a draft
+  forward scales with batch as the target's does), shared by the B rows. F = depth levels / the drafter's tokens per forward.
 - **Expected tokens per second per request** = (1 + E[accepted]) / (cost of a step per request). Plain decoding
   makes c(B)/B per token, so the expected speedup is that rate × c(B)/B.
 - `min_prob` of the chosen tree: the break-even chance of one more node, (c(B·(n+1)) − c(B·n))/B divided by the
@@ -70,7 +70,8 @@ class AcceptanceProfile:
             if any(not isinstance(v, (int, float)) or not 0 <= v <= 1 for v in values):
                 raise ValueError(f"acceptance {name} must hold numbers in [0, 1], got {list(values)}")
         if any(b < a for a, b in zip(self.by_rank, self.by_rank[1:])):
-            raise ValueError(f"acceptance by_rank (among the first k choices) cannot decrease, got {list(self.by_rank)}")
+            raise ValueError(f"acceptance by_rank (among the first k choices) cannot decrease, got "
+                             f"{list(self.by_rank)}")
         if self.draft_cost_ratio is not None and not self.draft_cost_ratio >= 0:
             raise ValueError(f"draft_cost_ratio must be >= 0, got {self.draft_cost_ratio!r}")
         if not isinstance(self.tokens_per_forward, int) or self.tokens_per_forward < 1:
