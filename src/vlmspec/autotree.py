@@ -20,7 +20,8 @@ The model (docs/drafters.md, "`--tree auto`"):
   (B rows of n tokens priced as one forward of B·n tokens; c(k) made non-decreasing in k by `monotone`, then
   interpolated linearly by `costs.interpolate`, the last segment's slope past the probed k) plus the draft: (F + 1)
   draft forwards (F to build the tree, one to catch up on the accepted tokens) at c_draft · c(B)/c(1) each (a draft
-  forward scales with batch as the target's does), shared by the B rows. F = depth levels / the drafter's tokens per forward.
+  forward scales with batch as the target's does), shared by the B rows. F = depth levels / the drafter's tokens
+  per forward.
 - **Expected tokens per second per request** = (1 + E[accepted]) / (cost of a step per request). Plain decoding
   makes c(B)/B per token, so the expected speedup is that rate × c(B)/B.
 - `min_prob` of the chosen tree: the break-even chance of one more node, (c(B·(n+1)) − c(B·n))/B divided by the

@@ -44,7 +44,8 @@ def rows_table(summary: dict) -> str:
                      fmt(r["ideal_speedup"]), fmt(r["efficiency"]), fmt(r["divergence_rate"], percent=True),
                      (note or "").replace("|", "/")[:160]])
     header = ["arm", "suite", "T", "samples", "tokens/s", "speedup", "e2e speedup", "TTFT ms", "τ", "τ−1 /step",
-              "accept d1/d2/d3/d4", "draft", "verify", "c_draft ms", "tree nodes", "ideal", "efficiency", "divergence", "note"]
+              "accept d1/d2/d3/d4", "draft", "verify", "c_draft ms", "tree nodes", "ideal", "efficiency", "divergence",
+              "note"]
     return table(header, rows)
 
 
