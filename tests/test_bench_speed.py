@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from vlmspec.bench import metrics
-from vlmspec.bench.grounding import ground_truth_words, grounded_mask, token_sources
+from vlmspec.bench.grounding import ground_truth_words, grounded_mask
 from vlmspec.bench.runner import BenchConfig, run_bench
 from vlmspec.testing import build_tokenizer, save_tiny_model
 
@@ -76,8 +76,16 @@ def test_end_to_end_speedup_includes_the_prefill():
     assert metrics.time_to_first_token([]) is None
 
 
-def test_token_sources_follow_accepted_then_bonus_and_stop_at_the_cut():
-    # prefill token, a step accepting 2 (depths 1, 2, then the bonus), a step accepting 0, a step cut mid-way
+def token_sources(accepted_per_step, new_tokens):
+    """The sources the engine must report: the prefill's token, then per step its accepted drafts (depths 1…a) and
+    one bonus, cut where the generation ended (EOS, stop string, budget)."""
+    sources = [0]
+    for accepted in accepted_per_step:
+        sources += [*range(1, accepted + 1), 0]
+    return sources[:new_tokens]
+
+
+def test_token_sources_helper_follows_accepted_then_bonus_and_stops_at_the_cut():
     assert token_sources([2, 0, 3], 7) == [0, 1, 2, 0, 0, 1, 2]
     assert token_sources([], 1) == [0]
 

@@ -1,4 +1,4 @@
-"""Which emitted tokens are image-grounded, and where each emitted token came from (an accepted draft or the target).
+"""Which emitted tokens of an answer are image-grounded (the split of the bench's acceptance table).
 
 Definitions (docs/benchmarks.md, "Acceptance on image-grounded tokens"):
 
@@ -8,8 +8,9 @@ Definitions (docs/benchmarks.md, "Acceptance on image-grounded tokens"):
   words), and only for samples with at least one image: a text-only answer has nothing to ground.
 - **grounded token**: an emitted token whose characters overlap a word of the answer that is one of the sample's
   ground-truth words. A token spanning two words is grounded if either is.
-- **token source**: `d >= 1` if the token was a draft token accepted at depth d, `0` if it is the target's own token
-  (the prefill's first token or a step's bonus token).
+
+Where each emitted token came from is the engine's `GenerationStats.token_sources` (d >= 1: a draft token accepted
+at depth d; 0: the target's own token, the prefill's or a step's bonus).
 """
 
 from __future__ import annotations
@@ -47,13 +48,3 @@ def grounded_mask(tokenizer: Any, token_ids: Sequence[int], words: frozenset[str
         previous = text
     hits = [(m.start(), m.end()) for m in WORD.finditer(previous) if m.group().lower() in words]
     return [int(any(start < hit_end and hit_start < stop for hit_start, hit_end in hits)) for start, stop in spans]
-
-
-def token_sources(accepted_per_step: Sequence[int], new_tokens: int) -> list[int]:
-    """Per emitted token: the depth of an accepted draft token, 0 for the target's own. The prefill emits one token;
-    each step emits its accepted drafts (depths 1…a) then one bonus; the list is cut at `new_tokens` (EOS, a stop
-    string or the budget end a generation mid-step)."""
-    sources = [0]
-    for accepted in accepted_per_step:
-        sources += [*range(1, accepted + 1), 0]
-    return sources[:new_tokens]

@@ -22,7 +22,7 @@ import torch
 
 from vlmspec.bench import costs as cost_model
 from vlmspec.bench import metrics
-from vlmspec.bench.grounding import grounded_mask, ground_truth_words, token_sources
+from vlmspec.bench.grounding import grounded_mask, ground_truth_words
 from vlmspec.bench.peers import Peer, open_peer
 from vlmspec.bench.suites import SuiteSample, load_suites
 from vlmspec.engine import GenerationResult, Generator
@@ -128,7 +128,7 @@ class Arm:
                 "prefill_seconds": stats.prefill_seconds, "decode_seconds": stats.decode_seconds,
                 "draft_seconds": stats.draft_seconds, "verify_seconds": stats.verify_seconds,
                 "accepted_per_step": stats.accepted_per_step, "draft_forwards_per_step": stats.draft_forwards_per_step,
-                "token_sources": token_sources(stats.accepted_per_step, stats.new_tokens),
+                "token_sources": stats.token_sources,
                 "tree_nodes_per_step": stats.tree_nodes_per_step, "tree_depth_per_step": stats.tree_depth_per_step}
 
 

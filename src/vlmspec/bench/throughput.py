@@ -2,9 +2,10 @@
 on the same requests, through the batched `Engine`.
 
 Per suite, concurrency c and temperature, each arm (plain decoding first, then each `--drafters` entry under its
-resolved tree) gets a fresh `Engine(max_batch=c)`; all of the suite's requests are submitted (encoded) first, then the
-engine starts and keeps c of them running (continuous batching: a finished row's slot goes to the next waiting
-request). Throughput = the requests' new tokens / the seconds from the engine's start to the last result. The
+resolved tree) gets a fresh engine (`Generator.engine(max_batch=c)`, which keeps the generator's `TreeBudget`, so
+what the warm-up and earlier runs measured carries over as in a server); all of the suite's requests are submitted
+(encoded) first, then `Engine.run` drives it, keeping c of them running (continuous batching: a finished row's slot
+goes to the next waiting request). Throughput = the requests' new tokens / the seconds `run` took. The
 requests carry the same seeds as in the per-sample bench, so greedy outputs must match plain decoding's (the
 `divergence` column counts requests whose tokens differ).
 """
@@ -69,8 +70,8 @@ def run_throughput(config, progress: bool = True) -> Path:
                "target": {"name": config.target, "architecture": target.architecture, "dtype": str(target.dtype),
                           "fingerprint": target.fingerprint()},
                "arms": [{"name": arm.name, "kind": arm.kind, "tree": arm.tree} for arm in arms],
-               "conventions": {"tokens_per_second": "new tokens of all the suite's requests / seconds from the "
-                                                    "engine's start to the last result (prefill included)",
+               "conventions": {"tokens_per_second": "new tokens of all the suite's requests / seconds the engine "
+                                                    "took to finish them all (prefill included)",
                                "speedup": "tokens_per_second ÷ plain batching's at the same concurrency"},
                **summarize(records), **environment(target)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -80,23 +81,17 @@ def run_throughput(config, progress: bool = True) -> Path:
 
 def run_requests(target, arm, samples: list[SuiteSample], concurrency: int, max_new_tokens: int, temperature: float,
                  seed: int) -> list[dict[str, Any]]:
-    """All `samples` through one fresh engine of `max_batch=concurrency`; one record per request."""
-    from vlmspec.batching import Engine
+    """All `samples` through one engine of `max_batch=concurrency`; one record per request."""
     from vlmspec.bench.runner import sample_seed
 
-    generator = arm.generator
-    engine = Engine(target, drafter=generator.drafter, tree=generator.tree, max_batch=concurrency)
+    engine = arm.generator.engine(max_batch=concurrency)
     seeds = [sample_seed(seed, sample, temperature) for sample in samples]
     handles = [engine.submit(images=list(sample.images), prompt=sample.prompt, messages=sample.messages,
                              max_new_tokens=max_new_tokens, temperature=temperature, seed=s)
                for sample, s in zip(samples, seeds)]
     start = time.perf_counter()
-    engine.start()
-    try:
-        results = [handle.result() for handle in handles]
-        seconds = time.perf_counter() - start
-    finally:
-        engine.stop()
+    results = engine.run(handles)
+    seconds = time.perf_counter() - start
     lines = []
     for sample, s, handle, result in zip(samples, seeds, handles, results):
         stats = result.stats
