@@ -170,3 +170,13 @@ def test_tree_auto_resolves_at_load_and_stays_lossless(tiny, tmp_path, monkeypat
     prompt = "the cat sat on the mat"
     plain = Generator(target, None).generate(prompt=prompt, max_new_tokens=12)
     assert Generator(target, drafter, auto).generate(prompt=prompt, max_new_tokens=12).token_ids == plain.token_ids
+
+
+def test_tune_shows_the_tree_auto_resolved_to():
+    from vlmspec.bench.tune import DEFAULT_TREES, table, tree_flag
+
+    tree = TreeConfig(kind="dynamic", depth=5, topk=2, total_tokens=8, min_prob=0.086)
+    assert TreeConfig.parse(tree_flag(tree)) == tree
+    rows = [{"tree": "auto", "resolved": tree.to_dict(), "speedup": 1.5, "tau": 2.0}]
+    assert f"| auto: {tree_flag(tree)} | **1.50** |" in table(rows)
+    assert DEFAULT_TREES[0] == "auto" and all(check_tree(t) is None for t in DEFAULT_TREES)

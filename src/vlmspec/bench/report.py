@@ -80,7 +80,7 @@ def render_markdown(summary: dict) -> str:
     config, target = summary["config"], summary["target"]
     versions, machine = summary["versions"], summary["machine"]
     native = {True: ", native bf16", False: ", no native bf16", None: ""}[machine.get("native_bf16")]
-    trees = ", ".join(f"{a['name']}: {_tree(a['tree'])}" for a in summary["arms"] if a["kind"] == "vlmspec"
+    trees = ", ".join(f"{a['name']}: {tree_text(a['tree'])}" for a in summary["arms"] if a["kind"] == "vlmspec"
                       and a["tree"])
     parts = [
         "# vlmspec bench report", "",
@@ -112,10 +112,13 @@ def render_markdown(summary: dict) -> str:
     return "\n".join(parts)
 
 
-def _tree(tree: dict | None) -> str:
+def tree_text(tree: dict | None) -> str:
     if not tree:
         return "–"
-    return f"{tree['kind']} depth={tree['depth']} topk={tree['topk']} total={tree['total_tokens']}"
+    min_prob = f" min_prob={tree['min_prob']:g}" if tree.get("min_prob") else ""
+    if tree["kind"] == "chain":
+        return f"chain depth={tree['depth']}{min_prob}"
+    return f"{tree['kind']} depth={tree['depth']} topk={tree['topk']} total={tree['total_tokens']}{min_prob}"
 
 
 def write_plots(summary: dict, out: Path) -> list[Path]:

@@ -145,7 +145,7 @@ def across_table(summary: dict) -> str:
 
 
 def render_markdown(summary: dict) -> str:
-    from vlmspec.bench.report import fmt, table
+    from vlmspec.bench.report import fmt, table, tree_text
 
     machine, target = summary["machine"], summary["target"]
     native = {True: "native bf16", False: "no native bf16", None: ""}[machine.get("native_bf16")]
@@ -166,7 +166,7 @@ def render_markdown(summary: dict) -> str:
     header = ["suite", "concurrency", "T", "plain tokens/s"]
     for arm in drafters:
         header += [f"{arm} tokens/s", "× plain", "divergence"]
-    trees = ", ".join(f"{a['name']}: {a['tree']}" for a in summary["arms"] if a["tree"])
+    trees = ", ".join(f"{a['name']}: {tree_text(a['tree'])}" for a in summary["arms"] if a["tree"])
     return "\n".join([
         "# vlmspec throughput report (batched engine)", "",
         f"Target `{target['name']}` ({target['architecture']}, {target['dtype']}) on {machine['device_name']} "
@@ -193,6 +193,10 @@ def write_plot(summary: dict, out: Path) -> Path:
                            (suite, arm, temperature)), key=lambda r: r["concurrency"])
             ax.plot([r["concurrency"] for r in mine], [r["tokens_per_second"] or 0.0 for r in mine], marker="o",
                     label=f"{arm} T={temperature:g}")
+        levels = sorted({r["concurrency"] for r in summary["rows"]})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("concurrency (max batch)")
         ax.set_ylabel("generated tokens/s")
         ax.set_title(suite, fontsize=9)
