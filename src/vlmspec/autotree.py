@@ -24,7 +24,9 @@ The model (docs/drafters.md, "`--tree auto`"):
   per forward.
 - **Expected tokens per second per request** = (1 + E[accepted]) / (cost of a step per request). Plain decoding
   makes c(B)/B per token, so the expected speedup is that rate × c(B)/B.
-- `min_prob` of the chosen tree: the break-even chance of one more node, (c(B·(n+1)) − c(B·n))/B divided by the
+- **Choice**: every candidate with its break-even `min_prob` (below); among those within `SLACK` (2 %) of the best
+  expected tokens per second, the fewest verified nodes win.
+- `min_prob` of a candidate: the break-even chance of one more node, (c(B·(n+1)) − c(B·n))/B divided by the
   seconds the chosen tree spends per token (a node of chance p adds p tokens for that many seconds: worth it only
   when p / extra seconds beats the tree's own tokens per second), capped at 0.5.
 """
@@ -47,6 +49,9 @@ MAX_DEPTH = 12
 # acceptance 1 at every depth to any top-4 tree).
 MAX_RATE = 0.98
 RANK_GAIN = 0.5
+# Trees within this share of the best expected tokens/s count as equal and the smallest wins: the model does not see
+# answer length, and on one-word answers (one step, which no tree pays for) fewer nodes lose less.
+SLACK = 0.02
 TOPKS = (2, 3, 4, 6, 8)
 TOTALS = (4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
 
@@ -195,8 +200,9 @@ def monotone(costs: Mapping[int, float]) -> dict[int, float]:
 
 def choose_tree(costs: Mapping[int, float], c_draft: float, profile: AcceptanceProfile, batch: int = 1,
                 trees: Iterable[TreeConfig] | None = None) -> Choice:
-    """The tree of highest expected tokens per second per request; ties go to fewer nodes, then shallower, then a
-    chain. Deterministic for given inputs. Its `min_prob` is then set to the break-even chance of one more node."""
+    """The tree to run: each candidate gets its break-even `min_prob` (`with_min_prob`); among those whose expected
+    tokens per second is within `SLACK` of the best, the fewest verified nodes win (then shallower, then a chain,
+    then the faster). Deterministic for given inputs."""
     if not costs or any(k < 1 or s <= 0 for k, s in costs.items()):
         raise ValueError(f"costs must map k >= 1 to positive seconds, got {dict(costs)}")
     if c_draft < 0 or batch < 1:
@@ -205,13 +211,20 @@ def choose_tree(costs: Mapping[int, float], c_draft: float, profile: AcceptanceP
     pool = list(trees) if trees is not None else candidates()
     if not pool:
         raise ValueError("no candidate trees")
-    scored = [evaluate(tree, costs, c_draft, profile, batch) for tree in pool]
-    best = min(scored, key=lambda c: (c.seconds_per_token, c.verified_nodes, c.tree.depth, c.tree.kind != "chain"))
-    extra = (interpolate(dict(costs), batch * (best.verified_nodes + 1))
-             - interpolate(dict(costs), batch * best.verified_nodes)) / batch
-    min_prob = round(min(max(extra / best.seconds_per_token, 0.0), 0.5), 3)
-    tuned = dataclasses.replace(best.tree, min_prob=min_prob)
-    return evaluate(tuned, costs, c_draft, profile, batch)
+    scored = [with_min_prob(evaluate(tree, costs, c_draft, profile, batch), costs, c_draft, profile, batch)
+              for tree in pool]
+    fastest = min(c.seconds_per_token for c in scored)
+    near = [c for c in scored if c.seconds_per_token * (1 - SLACK) <= fastest]
+    return min(near, key=lambda c: (c.verified_nodes, c.tree.depth, c.tree.kind != "chain", c.seconds_per_token))
+
+
+def with_min_prob(choice: Choice, costs: Mapping[int, float], c_draft: float, profile: AcceptanceProfile,
+                  batch: int) -> Choice:
+    """`choice`'s tree with `min_prob` at the break-even chance of one more node (module docstring), re-evaluated."""
+    nodes = choice.verified_nodes
+    extra = (interpolate(dict(costs), batch * (nodes + 1)) - interpolate(dict(costs), batch * nodes)) / batch
+    min_prob = round(min(max(extra / choice.seconds_per_token, 0.0), 0.5), 3)
+    return evaluate(dataclasses.replace(choice.tree, min_prob=min_prob), costs, c_draft, profile, batch)
 
 
 def profile_from_summary(summary: Mapping[str, Any], drafter: str, tokens_per_forward: int = 1) -> AcceptanceProfile:
