@@ -125,9 +125,6 @@ class Choice:
     seconds_per_token: float                 # per request, at the batch size it was chosen for
     expected_speedup: float                  # vs plain decoding at the same batch size
 
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "tree": self.tree.to_dict()}
-
 
 def expected_shape(tree: TreeConfig, profile: AcceptanceProfile) -> tuple[list[float], int]:
     """(chance of each kept draft node, levels drafted) of `tree`'s expected shape under `profile`."""
@@ -271,7 +268,7 @@ def _draft_cost_ratio(summary: Mapping[str, Any], arm: str) -> float | None:
 
 
 def describe(choice: Choice, sources: Sequence[str] = ()) -> str:
-    """One line for logs and `--json`: the tree and what the model expects of it."""
+    """One log line: the tree and what the model expects of it."""
     tree = choice.tree
     shape = f"chain depth={tree.depth}" if tree.kind == "chain" else \
         f"dynamic depth={tree.depth} topk={tree.topk} total={tree.total_tokens}"
