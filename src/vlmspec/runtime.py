@@ -59,7 +59,10 @@ log = logging.getLogger(__name__)
 def check_tree(spec: str) -> None:
     """Validate a `--tree` value before any model loads: `auto`, `recommended` or an explicit tree."""
     if spec not in TREE_WORDS:
-        TreeConfig.parse(spec)
+        try:
+            TreeConfig.parse(spec)
+        except ValueError as error:
+            raise ValueError(f"{error} (or auto, recommended)") from None
 
 
 def is_checkpoint(name: str) -> bool:
@@ -114,6 +117,7 @@ def resolve_tree(spec: str | None, target: Target, name: str, drafter: Drafter |
         return auto_tree(target, name, drafter) or recommended or TreeConfig()
     if spec == "recommended":
         return recommended or TreeConfig()
+    check_tree(spec)
     return TreeConfig.parse(spec)
 
 
