@@ -167,6 +167,7 @@ def record(arm, sample, new_tokens, forwards, decode_seconds, accepted=None, nod
            tokens=None, temperature=0.0, status="ok", depths=None):
     return {"arm": arm, "suite": "s", "id": sample, "temperature": temperature, "status": status, "error": None,
             "new_tokens": new_tokens, "target_forwards": forwards, "decode_seconds": decode_seconds,
+            "seconds": decode_seconds, "prefill_seconds": 0.0,
             "accepted_per_step": accepted, "tree_nodes_per_step": nodes,
             "tree_depth_per_step": depths or (None if nodes is None else [3 if n > 1 else 0 for n in nodes]),
             "draft_forwards_per_step": None if accepted is None else [1] * len(accepted),

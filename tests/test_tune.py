@@ -60,6 +60,9 @@ def test_tune_ranks_the_trees_and_saves_the_winner(setup, tmp_path, capsys, monk
     best = TreeConfig.parse(ranked[0]["tree"]).to_dict()
     assert recommended_tree(tmp_path / "saved").to_dict() == best != recommended_tree(checkpoint).to_dict()
     assert (tmp_path / "saved" / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())["acceptance"]     # for --tree auto
+    chain_arm = next(r for r in summary["across_suites"] if r["arm"] == tree_arm_name(str(checkpoint), TREES[0]))
+    assert saved["by_depth"] == chain_arm["acceptance_by_depth"] and saved["by_rank"][0] == saved["by_depth"][0]
     assert f"fastest: --tree {ranked[0]['tree']}" in capsys.readouterr().out
 
     def no_generation(*args, **kwargs):

@@ -25,8 +25,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drafter-option", action="append", default=[], metavar="KEY=VALUE",
                         help="option of an untrained drafter type, e.g. model=DIR for draft-model (repeatable)")
     parser.add_argument("--tree", default=None,
-                        help="draft tree, e.g. kind=dynamic,depth=6,topk=8,total=32 (default: the drafter's "
-                             "recommended tree, else kind=dynamic,depth=6,topk=8,total=32)")
+                        help="draft tree: auto (the tree expected fastest on this machine, from a cached c(k) probe "
+                             "and the checkpoint's acceptance profile), recommended (the checkpoint's own tree), or "
+                             "explicit, e.g. kind=dynamic,depth=6,topk=8,total=32 (default: auto for a checkpoint, "
+                             "kind=dynamic,depth=6,topk=8,total=32 for an untrained drafter)")
     parser.add_argument("--dtype", default="fast",
                         help="fast (default: bf16 where the device computes bf16 natively, a GPU with bf16 or a CPU "
                              "with AVX512-BF16 or AMX, else fp32), fp32, bf16, fp16, or checkpoint (its own dtype)")

@@ -1,12 +1,21 @@
-"""Resolve the user-facing names (`--target`, `--drafter`, `--tree`) into a ready `Generator`."""
+"""Resolve the user-facing names (`--target`, `--drafter`, `--tree`) into a ready `Generator`.
+
+`--tree` takes an explicit tree (`TreeConfig.parse`), `auto` (the tree `vlmspec.autotree` expects to run fastest on
+this machine, from the probed c(k) and the checkpoint's acceptance profile) or `recommended` (the checkpoint's own
+tree). Unset: `auto` for a checkpoint (shipped or trained), the default tree for an untrained drafter. Only the tree's
+shape changes, so every choice is lossless.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Sequence
 
+from vlmspec.autotree import AcceptanceProfile, choose_tree, describe
 from vlmspec.drafters import available_drafters, build_drafter, load_drafter, recommended_tree
-from vlmspec.drafters.base import Drafter
+from vlmspec.drafters.base import Drafter, read_drafter_meta, resolve_drafter_path
 from vlmspec.engine import Generator
 from vlmspec.target import Target
 from vlmspec.tree import TreeConfig
@@ -43,9 +52,79 @@ def open_drafter(name: str, target: Target, options: Sequence[str] = ()) -> tupl
                      f"{', '.join(available_drafters())}")
 
 
+TREE_WORDS = ("auto", "recommended")
+log = logging.getLogger(__name__)
+
+
+def check_tree(spec: str) -> None:
+    """Validate a `--tree` value before any model loads: `auto`, `recommended` or an explicit tree."""
+    if spec not in TREE_WORDS:
+        try:
+            TreeConfig.parse(spec)
+        except ValueError as error:
+            raise ValueError(f"{error} (or auto, recommended)") from None
+
+
+def is_checkpoint(name: str) -> bool:
+    return name != "none" and (Path(name).exists() or name.startswith("testbed:"))
+
+
+def checkpoint_profile(name: str) -> AcceptanceProfile | None:
+    """The acceptance profile of a checkpoint: its config.json's `acceptance` (written by `vlmspec tune --save`),
+    else a depth-only prior from its training's final top-1 accuracy (`train_config.json`: `acc@1` at every depth,
+    no gain from width), else None."""
+    directory = resolve_drafter_path(name)
+    meta = read_drafter_meta(directory)
+    if meta.get("acceptance"):
+        return AcceptanceProfile.from_dict(meta["acceptance"])
+    tokens_per_forward = int(meta.get("config", {}).get("tokens_per_forward", 1) or 1)
+    try:
+        trained = json.loads((directory / "train_config.json").read_text())
+        accuracy = float(trained["final_metrics"]["acc@1"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return AcceptanceProfile(by_depth=(min(max(accuracy, 0.0), 1.0),), tokens_per_forward=tokens_per_forward,
+                             source="training acc@1 (no tune profile)")
+
+
+def auto_tree(target: Target, name: str, drafter: Drafter, batch: int = 1) -> TreeConfig | None:
+    """`--tree auto` for drafter `name`; None when the drafter has no acceptance profile. c_draft: the profile's
+    draft forward / c(1) ratio times this machine's c(1), else the drafter's parameters over the target's (the
+    lm_head it borrows included) times c(1)."""
+    from vlmspec.probe import target_costs
+
+    profile = checkpoint_profile(name) if is_checkpoint(name) else None
+    if profile is None:
+        return None
+    costs = target_costs(target)
+    ratio = profile.draft_cost_ratio
+    if ratio is None:
+        own = sum(p.numel() for p in drafter.parameters()) + target.lm_head.weight.numel()
+        ratio = own / sum(p.numel() for p in target.model.parameters())
+    choice = choose_tree(costs, ratio * costs[min(costs)], profile, batch)
+    log.info(describe(choice, [profile.source]))
+    return choice.tree
+
+
+def resolve_tree(spec: str | None, target: Target, name: str, drafter: Drafter | None,
+                 recommended: TreeConfig | None) -> TreeConfig:
+    """The tree a drafter runs under (see the module docstring); plain decoding gets the default (unused)."""
+    if drafter is None:
+        return TreeConfig()
+    if spec is None:
+        spec = "auto" if is_checkpoint(name) else "recommended"
+    if spec == "auto":
+        return auto_tree(target, name, drafter) or recommended or TreeConfig()
+    if spec == "recommended":
+        return recommended or TreeConfig()
+    check_tree(spec)
+    return TreeConfig.parse(spec)
+
+
 def open_generator(target: str, drafter: str = "none", tree: str | None = None, dtype: str | None = None,
                    drafter_options: Sequence[str] = ()) -> Generator:
-    tree_config = TreeConfig.parse(tree) if tree else None
+    if tree:
+        check_tree(tree)
     loaded = Target.from_pretrained(target, dtype=dtype)
     draft, recommended = open_drafter(drafter, loaded, drafter_options)
-    return Generator(loaded, draft, tree_config or recommended or TreeConfig())
+    return Generator(loaded, draft, resolve_tree(tree, loaded, drafter, draft, recommended))

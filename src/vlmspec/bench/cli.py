@@ -22,6 +22,13 @@ def temperatures(text: str) -> tuple[float, ...]:
         raise ValueError(f"--temperatures must be comma-separated numbers, got {text!r}") from None
 
 
+def concurrency(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(c) for c in split(text))
+    except ValueError:
+        raise ValueError(f"--concurrency must be comma-separated integers, got {text!r}") from None
+
+
 def config_from_args(args: argparse.Namespace):
     from vlmspec.bench.runner import BenchConfig
 
@@ -32,7 +39,8 @@ def config_from_args(args: argparse.Namespace):
                        trees=split_trees(args.trees), out=args.out,
                        resume=args.resume, limit=args.limit, warmup=args.warmup, seed=args.seed,
                        peers=split(args.peers), device=args.device, drafter_options=tuple(args.drafter_option),
-                       cost_repeats=args.cost_repeats, plots=not args.no_plots)
+                       cost_repeats=args.cost_repeats, plots=not args.no_plots,
+                       concurrency=concurrency(args.concurrency))
 
 
 def bench_command(args: argparse.Namespace) -> int:
@@ -43,7 +51,12 @@ def bench_command(args: argparse.Namespace) -> int:
     import json
 
     summary = json.loads((out / "summary.json").read_text())
-    print(across_table(summary))
+    if args.concurrency:
+        from vlmspec.bench.throughput import across_table as throughput_table
+
+        print(throughput_table(summary))
+    else:
+        print(across_table(summary))
     print(f"\nreport: {out / 'report.md'}  records: {out / 'records.jsonl'}  summary: {out / 'summary.json'}",
           file=sys.stderr)
     return 0
@@ -83,11 +96,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
                              "hf-prompt-lookup[:N]")
     parser.add_argument("--temperatures", default="0", help="comma-separated, e.g. 0,1 (0 = greedy)")
     parser.add_argument("--tree", default=None,
-                        help="draft tree for every drafter arm, e.g. kind=dynamic,depth=6,topk=8,total=32 "
-                             "(default: each drafter's recommended tree)")
+                        help="draft tree for every drafter arm: auto, recommended, or explicit, e.g. "
+                             "kind=dynamic,depth=6,topk=8,total=32 (default: auto for checkpoints, the default "
+                             "tree for untrained types; see `vlmspec generate --help`)")
     parser.add_argument("--trees", default="", metavar="TREE;TREE…",
                         help="run every drafter arm under each of these trees, as arms 'DRAFTER [TREE]' (compare "
                              "trees on the same samples in one process; `vlmspec tune` ranks them)")
+    parser.add_argument("--concurrency", default="", metavar="C,C…",
+                        help="instead of per-sample latency: total tokens/s of plain vs speculative batching "
+                             "through the batched engine at each max batch size, e.g. 1,4,8,16 (report and "
+                             "throughput.png; see docs/benchmarks.md)")
     parser.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
     parser.add_argument("--resume", action="store_true", help="continue a killed run in --out")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up generations per arm (default 1)")

@@ -6,13 +6,18 @@ plain arm on the same samples. τ conventions, both reported:
 - `tau` (DESIGN): new tokens / target forwards, the prefill included. Plain decoding has τ = 1 exactly.
 - `tau_minus_1_per_step` (the ViSpec paper's τ − 1): mean draft tokens emitted per verify step (prefill excluded,
   bonus token excluded).
+
+Two speedups, both totals over the suite's shared samples: `speedup` (DESIGN: decode tokens/s, prefill excluded)
+and `e2e_speedup` (new tokens / seconds with the prefill included: what a user waits for); `ttft_seconds` is the
+median time to first token.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from vlmspec.bench.costs import interpolate
 from vlmspec.engine import acceptance_by_depth as engine_acceptance
@@ -29,6 +34,20 @@ def tokens_per_second(records: list[Record]) -> float | None:
     """Total new tokens / total decode seconds (prefill excluded)."""
     seconds = sum(r["decode_seconds"] for r in records)
     return sum(r["new_tokens"] for r in records) / seconds if seconds > 0 else None
+
+
+def end_to_end_tokens_per_second(records: list[Record]) -> float | None:
+    """Total new tokens / total seconds, prefill included: the rate a user waiting for whole answers sees."""
+    seconds = sum(r["seconds"] for r in records)
+    return sum(r["new_tokens"] for r in records) / seconds if seconds > 0 else None
+
+
+def time_to_first_token(records: list[Record]) -> float | None:
+    """Median over samples of the seconds until the first token is committed: the prefill's target forward that
+    emits it plus whatever the arm does before committing it (a drafter's catch-up over the prompt), i.e. the
+    record's `prefill_seconds`."""
+    values = sorted(r["prefill_seconds"] for r in records if r.get("prefill_seconds") is not None)
+    return statistics.median(values) if values else None
 
 
 def tau(records: list[Record]) -> float | None:
@@ -58,15 +77,36 @@ def acceptance_by_depth(records: list[Record]) -> list[float] | None:
                              [d for r in records for d in r["tree_depth_per_step"]])
 
 
-def speedup(arm: list[Record], plain: list[Record]) -> float | None:
-    """(new tokens / decode seconds of the arm) ÷ (same for plain decoding), on the samples both ran."""
+def grounded_acceptance(records: list[Record]) -> dict[str, Any]:
+    """Acceptance on image-grounded answer tokens vs the rest (`vlmspec.bench.grounding` defines both), over the
+    records that have ground-truth words (`grounded` not None) and per-token sources. Rate = accepted draft tokens /
+    emitted tokens of that class, the first token excluded (the prefill emits it: no drafter can draft it)."""
+    counts = {"grounded": [0, 0], "rest": [0, 0]}               # class -> [emitted, accepted drafts]
+    for r in records:
+        if r.get("grounded") is None or r.get("token_sources") is None:
+            continue
+        for flag, source in list(zip(r["grounded"], r["token_sources"]))[1:]:
+            cell = counts["grounded" if flag else "rest"]
+            cell[0] += 1
+            cell[1] += source > 0
+    out: dict[str, Any] = {}
+    for name, (emitted, accepted) in counts.items():
+        out[f"{name}_tokens"] = emitted
+        out[f"{name}_accept_rate"] = accepted / emitted if emitted else None
+    return out
+
+
+def speedup(arm: list[Record], plain: list[Record],
+            rate: Callable[[list[Record]], float | None] = tokens_per_second) -> float | None:
+    """rate of the arm ÷ rate of plain decoding, on the samples both ran; `rate` is decode tokens/s (prefill
+    excluded: DESIGN's speedup) or `end_to_end_tokens_per_second` (the end-to-end speedup)."""
     arm_ok = {r["id"]: r for r in ok(arm)}
     plain_ok = {r["id"]: r for r in ok(plain)}
     shared = sorted(arm_ok.keys() & plain_ok.keys())
     if not shared:
         return None
-    mine = tokens_per_second([arm_ok[i] for i in shared])
-    base = tokens_per_second([plain_ok[i] for i in shared])
+    mine = rate([arm_ok[i] for i in shared])
+    base = rate([plain_ok[i] for i in shared])
     return mine / base if mine and base else None
 
 
@@ -125,8 +165,12 @@ def summarize_group(arm: list[Record], plain: list[Record], costs: dict[int, flo
     tau_value = tau(good)
     row.update(new_tokens=sum(r["new_tokens"] for r in good), decode_seconds=sum(r["decode_seconds"] for r in good),
                tokens_per_second=tokens_per_second(good) if good else None, speedup=speedup(arm, plain),
+               e2e_tokens_per_second=end_to_end_tokens_per_second(good) if good else None,
+               e2e_speedup=speedup(arm, plain, end_to_end_tokens_per_second),
+               ttft_seconds=time_to_first_token(good),
                tau=tau_value, tau_minus_1_per_step=tau_minus_1_per_step(good),
-               acceptance_by_depth=acceptance_by_depth(good), divergence_rate=divergence_rate(arm, plain))
+               acceptance_by_depth=acceptance_by_depth(good), divergence_rate=divergence_rate(arm, plain),
+               **grounded_acceptance(good))
     row.update(cost_breakdown(good, costs, tau_value))
     ideal = row["ideal_speedup"]
     row["efficiency"] = row["speedup"] / ideal if row["speedup"] is not None and ideal else None
@@ -169,7 +213,8 @@ def summarize(records: list[Record], costs: dict[str, dict[int, float]] | None =
             pooled = ok(r for key, group in groups.items() if key[0] == arm and key[2] == temperature for r in group)
             across.append({"arm": arm, "kind": kinds[arm], "temperature": temperature, "suites": len(mine),
                            "ok_suites": ran, "speedup_geomean": geometric_mean(r["speedup"] for r in mine),
+                           "e2e_speedup_geomean": geometric_mean(r["e2e_speedup"] for r in mine),
                            "tau_mean": sum(taus) / len(taus) if taus else None,
-                           "acceptance_by_depth": acceptance_by_depth(pooled),
+                           "acceptance_by_depth": acceptance_by_depth(pooled), **grounded_acceptance(pooled),
                            "status": "ok" if ran == len(mine) else "partial" if ran else "unsupported"})
     return {"rows": rows, "across_suites": across}

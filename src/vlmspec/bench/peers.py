@@ -66,7 +66,7 @@ class Peer:
                 "target_forwards": counter.count or None, "seconds": seconds, "prefill_seconds": prefill,
                 "decode_seconds": max(seconds - prefill, 0.0), "draft_seconds": None, "verify_seconds": None,
                 "accepted_per_step": None, "draft_forwards_per_step": None, "tree_nodes_per_step": None,
-                "tree_depth_per_step": None}
+                "tree_depth_per_step": None, "token_sources": None}
 
     @torch.inference_mode()
     def _prefill_seconds(self, inputs: dict[str, torch.Tensor]) -> float:
@@ -84,7 +84,7 @@ def unsupported(error: str) -> dict[str, Any]:
     """The record fields of a run that raised: every measurement unknown."""
     fields = ("token_ids", "new_tokens", "target_forwards", "seconds", "prefill_seconds", "decode_seconds",
               "draft_seconds", "verify_seconds", "accepted_per_step", "draft_forwards_per_step", "tree_nodes_per_step",
-              "tree_depth_per_step")
+              "tree_depth_per_step", "token_sources")
     return {"status": "unsupported", "error": error, **dict.fromkeys(fields)}
 
 

@@ -23,8 +23,9 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 def across_table(summary: dict) -> str:
     rows = [[r["arm"], fmt(r["temperature"], 1), f"{r['ok_suites']}/{r['suites']}", fmt(r["speedup_geomean"]),
-             fmt(r["tau_mean"]), r["status"]] for r in summary["across_suites"]]
-    return table(["arm", "T", "suites run", "speedup (geomean)", "τ (mean)", "status"], rows)
+             fmt(r["e2e_speedup_geomean"]), fmt(r["tau_mean"]), r["status"]] for r in summary["across_suites"]]
+    return table(["arm", "T", "suites run", "speedup (geomean)", "e2e speedup (geomean)", "τ (mean)", "status"],
+                 rows)
 
 
 def rows_table(summary: dict) -> str:
@@ -36,14 +37,25 @@ def rows_table(summary: dict) -> str:
         note = r["error"] if r["status"] != "ok" else (f"{r['samples'] - r['ok_samples']} unsupported"
                                                        if r["ok_samples"] < r["samples"] else "")
         rows.append([r["arm"], r["suite"], fmt(r["temperature"], 1), f"{r['ok_samples']}/{r['samples']}",
-                     fmt(r["tokens_per_second"], 1), fmt(r["speedup"]), fmt(r["tau"]),
+                     fmt(r["tokens_per_second"], 1), fmt(r["speedup"]), fmt(r["e2e_speedup"]),
+                     fmt(r["ttft_seconds"] * 1e3, 1) if r["ttft_seconds"] is not None else "–", fmt(r["tau"]),
                      fmt(r["tau_minus_1_per_step"]), accept, fmt(r["draft_share"], percent=True),
                      fmt(r["verify_share"], percent=True), c_draft, fmt(r["mean_tree_nodes"], 1),
                      fmt(r["ideal_speedup"]), fmt(r["efficiency"]), fmt(r["divergence_rate"], percent=True),
                      (note or "").replace("|", "/")[:160]])
-    header = ["arm", "suite", "T", "samples", "tokens/s", "speedup", "τ", "τ−1 /step", "accept d1/d2/d3/d4",
-              "draft", "verify", "c_draft ms", "tree nodes", "ideal", "efficiency", "divergence", "note"]
+    header = ["arm", "suite", "T", "samples", "tokens/s", "speedup", "e2e speedup", "TTFT ms", "τ", "τ−1 /step",
+              "accept d1/d2/d3/d4", "draft", "verify", "c_draft ms", "tree nodes", "ideal", "efficiency", "divergence",
+              "note"]
     return table(header, rows)
+
+
+def grounded_table(summary: dict) -> str:
+    """Per drafter arm and temperature, pooled over all suites: acceptance on image-grounded tokens vs the rest."""
+    rows = [[r["arm"], fmt(r["temperature"], 1), fmt(r["grounded_accept_rate"]), str(r["grounded_tokens"]),
+             fmt(r["rest_accept_rate"]), str(r["rest_tokens"])]
+            for r in summary["across_suites"] if r["kind"] == "vlmspec" and r["arm"] != "none"]
+    return table(["arm", "T", "grounded: accepted/emitted", "grounded tokens", "rest: accepted/emitted",
+                  "rest tokens"], rows)
 
 
 def costs_table(summary: dict) -> str:
@@ -68,7 +80,7 @@ def render_markdown(summary: dict) -> str:
     config, target = summary["config"], summary["target"]
     versions, machine = summary["versions"], summary["machine"]
     native = {True: ", native bf16", False: ", no native bf16", None: ""}[machine.get("native_bf16")]
-    trees = ", ".join(f"{a['name']}: {_tree(a['tree'])}" for a in summary["arms"] if a["kind"] == "vlmspec"
+    trees = ", ".join(f"{a['name']}: {tree_text(a['tree'])}" for a in summary["arms"] if a["kind"] == "vlmspec"
                       and a["tree"])
     parts = [
         "# vlmspec bench report", "",
@@ -81,6 +93,11 @@ def render_markdown(summary: dict) -> str:
         f"Python {versions['python']}.", "",
         "## Across suites", "", across_table(summary), "",
         "## Per suite", "", rows_table(summary), "",
+        "## Acceptance on image-grounded tokens", "",
+        "Emitted tokens of answers to image samples (the first token excluded), split by whether they belong to a "
+        "word the sample's reference names (colour, shape, count, position, chart value, OCR word); rate = "
+        "accepted draft tokens / emitted tokens (a step's bonus token counts as emitted, not accepted).", "",
+        grounded_table(summary), "",
         "## c(k)/c(1)", "", "Target forward on k new tokens against the cache of the suite's median prompt "
         "(L tokens), median of repeats after warm-up.", "", costs_table(summary), "",
         "## Conventions", "",
@@ -95,10 +112,13 @@ def render_markdown(summary: dict) -> str:
     return "\n".join(parts)
 
 
-def _tree(tree: dict | None) -> str:
+def tree_text(tree: dict | None) -> str:
     if not tree:
         return "–"
-    return f"{tree['kind']} depth={tree['depth']} topk={tree['topk']} total={tree['total_tokens']}"
+    min_prob = f" min_prob={tree['min_prob']:g}" if tree.get("min_prob") else ""
+    if tree["kind"] == "chain":
+        return f"chain depth={tree['depth']}{min_prob}"
+    return f"{tree['kind']} depth={tree['depth']} topk={tree['topk']} total={tree['total_tokens']}{min_prob}"
 
 
 def write_plots(summary: dict, out: Path) -> list[Path]:

@@ -22,14 +22,14 @@ import torch
 
 from vlmspec.bench import costs as cost_model
 from vlmspec.bench import metrics
+from vlmspec.bench.grounding import grounded_mask, ground_truth_words
 from vlmspec.bench.peers import Peer, open_peer
 from vlmspec.bench.suites import SuiteSample, load_suites
 from vlmspec.engine import GenerationResult, Generator
 from vlmspec.hardware import native_bf16
-from vlmspec.runtime import open_drafter
+from vlmspec.runtime import check_tree, open_drafter, resolve_tree
 from vlmspec.target import Target
 from vlmspec.target.families import resolve_dtype
-from vlmspec.tree import TreeConfig
 from vlmspec.verify import SamplingConfig
 
 # config keys that must match for --resume to append to an existing run
@@ -61,6 +61,7 @@ class BenchConfig:
     drafter_options: tuple[str, ...] = ()       # "ARM:KEY=VALUE", e.g. "draft-model:model=DIR", "eagle:tree=…"
     cost_repeats: int = 11
     plots: bool = True
+    concurrency: tuple[int, ...] = ()           # a throughput sweep through the batched engine (`throughput`)
 
     def __post_init__(self) -> None:
         if not self.suites and not self.suite_files:
@@ -79,11 +80,16 @@ class BenchConfig:
         if len(set(self.drafters)) != len(self.drafters) or len(set(self.peers)) != len(self.peers):
             raise ValueError("an arm is listed twice in --drafters or --peers")
         if self.tree:
-            TreeConfig.parse(self.tree)
+            check_tree(self.tree)
         for tree in self.trees:
-            TreeConfig.parse(tree)
+            check_tree(tree)
         if self.trees and self.tree or len(set(self.trees)) != len(self.trees):
             raise ValueError("give one --tree or distinct --trees, not both")
+        if any(not isinstance(c, int) or c < 1 for c in self.concurrency):
+            raise ValueError(f"concurrency levels must be integers >= 1, got {list(self.concurrency)}")
+        if self.concurrency and (self.peers or self.trees or self.resume):
+            raise ValueError("--concurrency runs plain and drafter arms through the batched engine: no --peers, "
+                             "--trees or --resume")
         for option in self.drafter_options:
             arm = next((a for a in self.drafters if option.startswith(a + ":")), None)
             if arm is None:
@@ -91,7 +97,7 @@ class BenchConfig:
             if option[len(arm) + 1:].startswith("tree="):
                 if self.trees:
                     raise ValueError(f"drafter option {option!r}: an arm's own tree and --trees exclude each other")
-                TreeConfig.parse(option[len(arm) + 1 + len("tree="):])
+                check_tree(option[len(arm) + 1 + len("tree="):])
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -122,6 +128,7 @@ class Arm:
                 "prefill_seconds": stats.prefill_seconds, "decode_seconds": stats.decode_seconds,
                 "draft_seconds": stats.draft_seconds, "verify_seconds": stats.verify_seconds,
                 "accepted_per_step": stats.accepted_per_step, "draft_forwards_per_step": stats.draft_forwards_per_step,
+                "token_sources": stats.token_sources,
                 "tree_nodes_per_step": stats.tree_nodes_per_step, "tree_depth_per_step": stats.tree_depth_per_step}
 
 
@@ -141,24 +148,19 @@ def tree_arm_name(drafter: str, tree: str) -> str:
 
 def open_arms(config: BenchConfig, target: Target) -> list[Arm]:
     """Plain decoding first, then each drafter, then each peer. An arm's tree: its own `ARM:tree=…` option, else
-    `--tree`, else the checkpoint's recommended tree, else the default; with `--trees`, one arm per drafter and
+    `--tree`, else `runtime.resolve_tree`'s default (`auto` for a checkpoint); with `--trees`, one arm per drafter and
     tree (one drafter object: its state lives in each generation, not in it)."""
     arms = [Arm("none", "vlmspec", Generator(target, None), tree=None)]
-    tree = TreeConfig.parse(config.tree) if config.tree else None
     for name in config.drafters:
         if name == "none":
             continue
         options = [o[len(name) + 1:] for o in config.drafter_options if o.startswith(name + ":")]
-        own_tree = [TreeConfig.parse(o[len("tree="):]) for o in options if o.startswith("tree=")]
+        own_tree = [o[len("tree="):] for o in options if o.startswith("tree=")]
         drafter, recommended = open_drafter(name, target, [o for o in options if not o.startswith("tree=")])
-        if config.trees:
-            for text in config.trees:
-                each = TreeConfig.parse(text)
-                arms.append(Arm(tree_arm_name(name, text), "vlmspec", Generator(target, drafter, each),
-                                tree=each.to_dict()))
-            continue
-        resolved = (own_tree or [None])[-1] or tree or recommended or TreeConfig()
-        arms.append(Arm(name, "vlmspec", Generator(target, drafter, resolved), tree=resolved.to_dict()))
+        for text in config.trees or [(own_tree or [config.tree])[-1]]:
+            resolved = resolve_tree(text, target, name, drafter, recommended)
+            arm_name = tree_arm_name(name, text) if config.trees else name
+            arms.append(Arm(arm_name, "vlmspec", Generator(target, drafter, resolved), tree=resolved.to_dict()))
     arms += [Arm(peer.name, "peer", peer=peer) for peer in (open_peer(spec, target) for spec in config.peers)]
     return arms
 
@@ -210,8 +212,14 @@ def prepare_out(config: BenchConfig, out: Path, keys_per_sample: set[tuple[str, 
 
 
 def run_bench(config: BenchConfig, progress: bool = True, on_text: TextCallback | None = None) -> Path:
-    """Run the bench and write records.jsonl, summary.json, report.md and plots into `config.out`."""
+    """Run the bench and write records.jsonl, summary.json, report.md and plots into `config.out` (with
+    `concurrency`: the throughput sweep of `vlmspec.bench.throughput`)."""
     from tqdm import tqdm
+
+    if config.concurrency:
+        from vlmspec.bench.throughput import run_throughput
+
+        return run_throughput(config, progress)
 
     suites = load_suites(list(config.suites), list(config.suite_files))
     if config.limit:
@@ -256,6 +264,7 @@ def run_sample(arms: list[Arm], target: Target, sample: SuiteSample, temperature
                config: BenchConfig, on_text: TextCallback | None) -> list[dict]:
     """All arms × temperatures on one sample; plain decoding first, so each record can name its divergence."""
     inputs = encode(target, sample)
+    words = ground_truth_words(sample.reference, bool(sample.images))
     lines = []
     for temperature in temperatures:
         seed = sample_seed(config.seed, sample, temperature)
@@ -270,11 +279,13 @@ def run_sample(arms: list[Arm], target: Target, sample: SuiteSample, temperature
                 plain_tokens = result["token_ids"]
             greedy_ok = temperature == 0 and result["status"] == "ok" and plain_tokens is not None
             divergence = metrics.first_divergence(result["token_ids"], plain_tokens) if greedy_ok else None
+            grounded = grounded_mask(target.tokenizer, result["token_ids"], words) \
+                if words and result["status"] == "ok" else None
             lines.append({"suite": sample.suite, "id": sample.id, "category": sample.category, "arm": arm.name,
                           "kind": arm.kind, "temperature": temperature, "seed": seed,
                           "prompt_tokens": int(inputs["input_ids"].shape[1]), **result,
                           "diverged": (divergence is not None) if greedy_ok else None,
-                          "first_divergence": divergence})
+                          "first_divergence": divergence, "grounded": grounded})
     return lines
 
 
@@ -328,5 +339,9 @@ def build_summary(config: BenchConfig, arms: list[Arm], records: list[dict], cos
                                                     "draft tokens emitted per verify step (ViSpec's τ−1)",
                             "speedup": "(new tokens / decode seconds) ÷ plain's, totals over the suite, prefill "
                                        "excluded; across suites: geometric mean",
+                            "e2e_speedup": "(new tokens / seconds, prefill included) ÷ plain's, totals over the "
+                                           "suite: what a user waiting for whole answers sees",
+                            "ttft": "median over samples of prefill_seconds: the prompt's target forward, which "
+                                    "emits the first token, plus the drafter's catch-up before it is committed",
                             "efficiency": "speedup / (τ·c(1) / (mean c(verify tree) + mean c_draft(step)))"},
             "costs": costs, **summary, **environment(target)}

@@ -15,13 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Sequence
 
 from vlmspec.tree import TreeConfig
 
-# narrow trees (cheap to verify where c(k) grows fast) to wide ones (where it is flat: bf16 hardware, GPUs)
-DEFAULT_TREES = ("kind=chain,depth=5,min_prob=0.02", "kind=dynamic,depth=4,topk=2,total=8,min_prob=0.02",
+# `--tree auto`'s own choice (so tune is its measured check), then narrow trees (cheap to verify where c(k) grows
+# fast) to wide ones (where it is flat: bf16 hardware, GPUs)
+DEFAULT_TREES = ("auto", "kind=chain,depth=5,min_prob=0.02", "kind=dynamic,depth=4,topk=2,total=8,min_prob=0.02",
                  "kind=dynamic,depth=6,topk=2,total=10,min_prob=0.02",
                  "kind=dynamic,depth=8,topk=2,total=12,min_prob=0.02",
                  "kind=dynamic,depth=5,topk=4,total=16,min_prob=0.02",
@@ -32,7 +34,8 @@ DEFAULT_TREES = ("kind=chain,depth=5,min_prob=0.02", "kind=dynamic,depth=4,topk=
 def tune(target: str, drafter: str, trees: Sequence[str], out: Path, progress: bool = True,
          **bench_options) -> list[dict]:
     """One bench run in `out` with `drafter` under every tree (`--trees`: per sample, plain decoding and then each
-    tree back to back); return one row per tree (`tree`, `speedup`, `tau`), fastest first. `bench_options` are
+    tree back to back); return one row per tree (`tree` as given, `resolved`: the tree that ran, as a dict, which
+    differs for `auto` and `recommended`; `speedup`, `tau`), fastest first. `bench_options` are
     `BenchConfig` fields (suites, suite_files, limit, temperatures, max_new_tokens, dtype, device, seed, warmup,
     cost_repeats). A rerun with the same `out` resumes the bench (which refuses other settings)."""
     from vlmspec.bench.runner import BenchConfig, run_bench, tree_arm_name
@@ -50,7 +53,9 @@ def tune(target: str, drafter: str, trees: Sequence[str], out: Path, progress: b
     run_bench(config, progress=progress)
     summary = json.loads((out / "summary.json").read_text())
     across = {row["arm"]: row for row in summary["across_suites"]}
-    rows = [{"tree": tree, "speedup": across[tree_arm_name(drafter, tree)]["speedup_geomean"],
+    resolved = {arm["name"]: arm["tree"] for arm in summary["arms"]}
+    rows = [{"tree": tree, "resolved": resolved[tree_arm_name(drafter, tree)],
+             "speedup": across[tree_arm_name(drafter, tree)]["speedup_geomean"],
              "tau": across[tree_arm_name(drafter, tree)]["tau_mean"]} for tree in trees]
     ranked = sorted(rows, key=lambda r: -(r["speedup"] or 0.0))
     if ranked[0]["speedup"] is None:
@@ -75,18 +80,32 @@ def save_target(drafter: str, dest: Path) -> Path:
     return source
 
 
-def save_with_tree(drafter: str, tree: str, dest: Path) -> Path:
+def save_with_tree(drafter: str, tree: TreeConfig, dest: Path, summary: dict | None = None) -> Path:
     """Copy the drafter checkpoint to `dest` (which must not exist or be empty) with `tree` as its recommended
-    tree; weights and the rest of its config unchanged."""
+    tree and, from the tune's bench `summary`, its acceptance profile for `--tree auto` (`autotree`; kept as it was
+    when the candidate trees hold no chain); weights and the rest of its config unchanged."""
+    from vlmspec.autotree import profile_from_summary
     from vlmspec.drafters.base import read_drafter_meta
 
     dest = Path(dest)
     source = save_target(drafter, dest)
     meta = read_drafter_meta(source)
     shutil.copytree(source, dest, dirs_exist_ok=True)
-    meta["tree"] = TreeConfig.parse(tree).to_dict()
+    meta["tree"] = tree.to_dict()
+    if summary is not None:
+        tokens_per_forward = int(meta.get("config", {}).get("tokens_per_forward", 1) or 1)
+        try:
+            meta["acceptance"] = profile_from_summary(summary, drafter, tokens_per_forward).to_dict()
+        except ValueError as error:
+            print(f"acceptance profile not updated: {error}", file=sys.stderr)
     (dest / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return dest
+
+
+def tree_flag(tree: TreeConfig) -> str:
+    """The `--tree` text of a tree."""
+    return (f"kind={tree.kind},depth={tree.depth},topk={tree.topk},total={tree.total_tokens},"
+            f"min_prob={tree.min_prob:g}")
 
 
 def table(rows: list[dict]) -> str:
@@ -94,7 +113,9 @@ def table(rows: list[dict]) -> str:
     for i, row in enumerate(rows):
         speedup = "failed" if row["speedup"] is None else f"{row['speedup']:.2f}"
         tau = "–" if row["tau"] is None else f"{row['tau']:.2f}"
-        lines.append(f"| {row['tree']} | {'**' + speedup + '**' if i == 0 else speedup} | {tau} |")
+        tree = row["tree"] if "=" in row["tree"] else \
+            f"{row['tree']}: {tree_flag(TreeConfig.from_dict(row['resolved']))}"
+        lines.append(f"| {tree} | {'**' + speedup + '**' if i == 0 else speedup} | {tau} |")
     return "\n".join(lines)
 
 
@@ -109,10 +130,16 @@ def tune_command(args: argparse.Namespace) -> int:
                 temperatures=(args.temperature,), max_new_tokens=args.max_new_tokens, dtype=args.dtype,
                 device=args.device, seed=args.seed, cost_repeats=args.cost_repeats)
     print(table(rows))
-    print(f"\nfastest: --tree {rows[0]['tree']}  (the bench report: {Path(args.out) / 'report.md'})")
+    from vlmspec.runtime import TREE_WORDS
+
+    best = TreeConfig.from_dict(rows[0]["resolved"])
+    shown = rows[0]["tree"] if rows[0]["tree"] not in TREE_WORDS else f"{tree_flag(best)} ({rows[0]['tree']})"
+    print(f"\nfastest: --tree {shown}  (the bench report: {Path(args.out) / 'report.md'})")
     if args.save:
-        saved = save_with_tree(args.drafter, rows[0]["tree"], Path(args.save))
-        print(f"saved: {saved} (the weights of {args.drafter}, recommending that tree)")
+        summary = json.loads((Path(args.out) / "summary.json").read_text())
+        saved = save_with_tree(args.drafter, best, Path(args.save), summary)
+        print(f"saved: {saved} (the weights of {args.drafter}, recommending that tree, with the acceptance "
+              f"profile --tree auto reads)")
     return 0
 
 
@@ -129,8 +156,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--drafter", required=True,
                         help="checkpoint directory, testbed:<type>, or a registered type")
     parser.add_argument("--trees", default=";".join(DEFAULT_TREES),
-                        help="candidate trees separated by ';' (default: seven from a 6-node chain to a 32-node "
-                             "tree, all with min_prob=0.02)")
+                        help="candidate trees separated by ';', 'auto' and 'recommended' included (default: auto, "
+                             "then seven from a 6-node chain to a 32-node tree, all with min_prob=0.02)")
     parser.add_argument("--temperature", type=float, default=0.0, help="the one temperature compared (default 0)")
     parser.add_argument("--cost-repeats", type=int, default=3, help="timed repeats per k for c(k) (default 3)")
     parser.add_argument("--out", default="tune-out", help="folder of the bench report and tune.json "
