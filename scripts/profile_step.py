@@ -5,7 +5,8 @@
 Phases are the engine's own functions, timed by wrappers that attribute every interval to the innermost phase
 running (so "draft forwards" excludes the masks they build, "target forward" excludes nothing inside the model):
 the draft layer forwards, draft logits (lm_head), tree building (TreeBuilder), attention masks (draft and target
-pending nodes), the target's verify forward, verification, cache commit, detokenizing/stop checks, and what is
+pending nodes), the target's verify forward, its in-place cache writes, verification, cache commit,
+detokenizing/stop checks, and what is
 left of each step (Python glue of propose/accept/verify and the loop). The prefill and the drafter's `begin` are
 reported apart and excluded from the per-step numbers. Run with OMP_NUM_THREADS=1 on a quiet machine.
 """
@@ -22,9 +23,13 @@ from unittest import mock
 import torch
 
 from vlmspec.bench.suites import read_suite
+from vlmspec.drafters.base import DraftBatch
+from vlmspec.drafters.feature import FeatureDraftBatch
 from vlmspec.drafters.layers import DraftDecoder
-from vlmspec.engine import Generator
+from vlmspec.engine import Engine, Generator
 from vlmspec.pending import PendingNodes
+from vlmspec.request import Request
+from vlmspec.target.cache import RowCache
 from vlmspec.runtime import open_drafter
 from vlmspec.target import Target
 from vlmspec.testbed.data import default_suite
@@ -64,11 +69,12 @@ def patches(timer: PhaseTimer, target: Target, drafter) -> list:
     method = {  # (owner, attribute): label
         (DraftDecoder, "forward"): "draft forwards", (type(drafter), "draft_logits"): "draft logits (lm_head)",
         (TreeBuilder, "expand"): "tree building", (TreeBuilder, "build"): "tree building",
-        (PendingNodes, "attention_mask"): "attention masks", (type(drafter), "propose"): "draft glue",
-        (type(drafter), "accept"): "draft glue", (type(drafter), "begin"): "prefill (excluded)",
-        (Target, "prefill"): "prefill (excluded)", (Target, "encode"): "prefill (excluded)", (Target, "verify"): "verify glue",
-        (Target, "commit"): "cache commit", (engine, "verify_greedy"): "verification",
-        (engine, "verify_sampling"): "verification", (Generator, "_emit"): "detokenize / stops",
+        (PendingNodes, "attention_mask"): "attention masks", (DraftBatch, "propose"): "draft glue",
+        (FeatureDraftBatch, "propose"): "draft glue", (type(drafter), "accept"): "draft glue",
+        (Engine, "_prefill"): "prefill (excluded)", (Target, "encode"): "prefill (excluded)",
+        (Target, "verify"): "verify glue", (RowCache, "write"): "cache writes", (RowCache, "keep"): "cache commit",
+        (engine, "verify_greedy"): "verification", (engine, "verify_sampling"): "verification",
+        (Request, "emit"): "detokenize / stops",
     }
     found = []
     for (owner, name), label in method.items():

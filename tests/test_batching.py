@@ -10,6 +10,7 @@ a batched forward may round differently from a one-row forward."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 from collections import Counter
@@ -189,3 +190,32 @@ def exact_joint(target: Target, inputs: dict, sampling: SamplingConfig, length: 
                 extended[prefix + (token,)] = p * float(probs[token])
         joint = extended
     return joint
+
+
+def test_engine_thread_streams_async_stops_cleanly_and_survives_a_failed_step(tmp_path, monkeypatch):
+    target = Target.from_pretrained(save_tiny_model(tmp_path / "t", "llama", lm_head_scale=8.0), dtype=torch.float32)
+    drafter, tree = build_drafter("eagle", target, seed=1), TreeConfig("chain", depth=2)
+    alone = Generator(target, drafter, tree).generate(prompt="the cat sat", max_new_tokens=8)
+    engine = Engine(target, drafter, tree, max_batch=4).start()
+    try:
+        async def read(handle):
+            return [item async for item in handle.astream()]
+
+        pieces = asyncio.run(read(engine.submit(prompt="the cat sat", max_new_tokens=8)))
+        assert pieces[-1].token_ids == alone.token_ids and "".join(pieces[:-1]) == alone.text
+
+        def boom():
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(engine, "_decode_step", boom)
+        with pytest.raises(RuntimeError, match="boom"):
+            engine.submit(prompt="the cat sat", max_new_tokens=8).result()
+        monkeypatch.undo()
+        assert engine.submit(prompt="the cat sat", max_new_tokens=8).result().token_ids == alone.token_ids
+        waiting = [engine.submit(prompt="the cat sat", max_new_tokens=40) for _ in range(6)]
+    finally:
+        engine.stop()
+    assert not engine.running_in_thread and engine.num_running == 0
+    assert all(handle.done for handle in waiting)
+    with pytest.raises(RuntimeError, match="stopping"):
+        engine.submit(prompt="the cat sat")

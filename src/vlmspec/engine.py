@@ -22,6 +22,7 @@ batched forward, which can flip a near-tie (docs/engine.md).
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -40,6 +41,9 @@ from vlmspec.target import NodesOutput, Target
 from vlmspec.target.base import TargetState
 from vlmspec.tree import Tree, TreeConfig
 from vlmspec.verify import SamplingConfig, target_probs, verify_greedy, verify_sampling
+
+
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -169,6 +173,9 @@ class Engine:
                 pending = list(self._waiting) + list(self.running)
             for request in pending:
                 self.cancel(request)
+            if not self.running_in_thread:
+                with self._step_lock:
+                    self._retire(cancelled_only=True)
         self._wakeup.set()
         if self._thread is not None:
             self._thread.join()
@@ -176,11 +183,30 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
-            if not self.step():
+            self._wakeup.clear()
+            try:
+                worked = self.step()
+            except Exception as error:      # a failed step must not leave its requests waiting forever
+                log.exception("engine step failed; failing its requests")
+                self._fail_all(error)
+                continue
+            if not worked:
                 if self._stopping and not self._waiting:
                     return
                 self._wakeup.wait(timeout=0.5)
-                self._wakeup.clear()
+
+    def _fail_all(self, error: Exception) -> None:
+        """End every queued and running request with the error and start from an empty batch."""
+        with self._step_lock, self._queue_lock:
+            failed = list(self._waiting) + self.running
+            self._waiting.clear()
+            self.running = []
+            self.state = TargetState.empty(self.target.num_layers, self.target.device)
+            self.draft_batch = self.drafter.new_batch() if self.drafter is not None else None
+        for request in failed:
+            if not request.done:
+                request.error = f"{type(error).__name__}: {error}"
+                request.finish(self.target.tokenizer, "error")
 
     # ------------------------------------------------------------------ scheduling
     def _admit(self) -> None:

@@ -66,7 +66,7 @@ class GenerationResult:
     token_ids: list[int]
     text: str
     stats: GenerationStats
-    finish_reason: str = "stop"          # "stop" (EOS or a stop string), "length" (budget), "cancelled"
+    finish_reason: str = "stop"          # "stop" (EOS or a stop string), "length" (budget), "cancelled", "error"
 
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
@@ -120,6 +120,7 @@ class Request:
         self.token_ids: list[int] = []
         self.stats = GenerationStats(prompt_tokens=self.prompt_tokens)
         self.finish_reason: str | None = None
+        self.error: str | None = None             # why the engine failed this request (finish_reason "error")
         self.cancel_requested = False
         self.root_token = -1                     # the last verified token: the next tree's root
         self.draft_state: Any = None
@@ -229,9 +230,12 @@ class Request:
                 yield item.text
 
     def result(self) -> GenerationResult:
-        """Wait for the end of the request; raises `RequestCancelled` if it was cancelled."""
+        """Wait for the end of the request; raises `RequestCancelled` if it was cancelled, RuntimeError if the
+        engine failed it."""
         for _ in self.events():
             pass
+        if self._result is not None and self._result.finish_reason == "error":
+            raise RuntimeError(f"request {self.id} failed in the engine: {self.error}")
         if self._result is None or self._result.finish_reason == "cancelled":
             raise RequestCancelled(f"request {self.id} was cancelled")
         return self._result
