@@ -96,7 +96,8 @@ def png_header_only(width: int, height: int) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+            + chunk(b"IEND", b""))
 
 
 @pytest.fixture(scope="module")
@@ -360,8 +361,9 @@ def test_disconnect_mid_stream_cancels_and_frees_the_slot(target, drafter):
 def test_serve_cli_binds_loopback_and_exits_cleanly_on_sigterm(tmp_path):
     folder = save_tiny_model(tmp_path / "tiny", "llava")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    process = subprocess.Popen([sys.executable, "-m", "vlmspec.cli", "serve", "--target", str(folder), "--port", "0",
-                                "--dtype", "fp32", "--log-level", "warning"], stderr=subprocess.PIPE, text=True, env=env)
+    command = [sys.executable, "-m", "vlmspec.cli", "serve", "--target", str(folder), "--port", "0", "--dtype", "fp32",
+               "--log-level", "warning", "--shutdown-grace", "1"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = process.stderr.readline()
         match = re.search(r"http://(127\.0\.0\.1):(\d+)", line)
@@ -377,8 +379,14 @@ def test_serve_cli_binds_loopback_and_exits_cleanly_on_sigterm(tmp_path):
                 time.sleep(0.2)
         answer = client(url).chat.completions.create(model=str(folder), messages=user("hi"), max_tokens=3)
         assert answer.usage.completion_tokens >= 1
+        # A long answer is streaming when SIGTERM comes: it is cut after the grace, and the exit is still clean.
+        stream = client(url).chat.completions.create(model=str(folder), messages=user("talk"), max_tokens=1800,
+                                                     temperature=0, stream=True)
+        next(iter(stream))
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, process.stderr.read()
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/health")
     finally:
         if process.poll() is None:
             process.kill()

@@ -7,7 +7,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+               503: "service_unavailable"}
 
 
 class APIError(Exception):

@@ -102,7 +102,8 @@ def decode_image(data: bytes, where: str, limits: ImageLimits, declared: str | N
     try:
         image = Image.open(io.BytesIO(data), formats=sorted(set(FORMATS.values())))
     except Image.DecompressionBombError:
-        raise APIError(400, f"{where} has too many pixels (limit {limits.max_pixels})", param="messages") from None
+        raise APIError(400, f"{where} claims more pixels than PIL opens at all (a decompression bomb); the limit "
+                            f"here is {limits.max_pixels} pixels", param="messages") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise APIError(400, f"{where} is not a readable {ACCEPTED} image (unknown format or corrupt header)",
                        param="messages") from None
