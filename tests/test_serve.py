@@ -31,7 +31,7 @@ import uvicorn
 from PIL import Image
 
 from vlmspec import Generator, Target, TreeConfig, build_drafter
-from vlmspec.batching import Engine
+from vlmspec.batching import Engine, RequestCancelled
 from vlmspec.cli import main
 from vlmspec.serve.app import create_app
 from vlmspec.serve.config import ImageLimits, ServeConfig
@@ -350,12 +350,8 @@ def test_disconnect_mid_stream_cancels_and_frees_the_slot(target, drafter):
         stream.close()
         answer = api.chat.completions.create(model=MODEL, messages=user("next"), max_tokens=4, temperature=0)
         assert answer.usage.completion_tokens >= 1
-        first = handles[0]
-        deadline = time.monotonic() + 60
-        while not first.done and time.monotonic() < deadline:
-            time.sleep(0.05)
-        result = first.result()
-        assert result.finish_reason == "cancelled" and len(result.token_ids) < 1500
+        with pytest.raises(RequestCancelled):            # it did not run to its 1500 tokens
+            handles[0].result()
 
 
 def test_serve_cli_binds_loopback_and_exits_cleanly_on_sigterm(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import threading
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -25,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from vlmspec.engine import GenerationResult
+from vlmspec import GenerationResult
 from vlmspec.serve.config import ServeConfig
 from vlmspec.serve.errors import APIError, from_validation
 from vlmspec.serve.images import load_images
@@ -46,6 +47,7 @@ def create_app(engine: Any, config: ServeConfig, draining: Callable[[], bool] = 
     been told to stop (SIGTERM): new requests then get 503 while running ones finish."""
     metrics = ServerMetrics(lambda: engine.num_running, lambda: engine.num_waiting)
     tokenizer = engine.target.tokenizer
+    submit_lock = threading.Lock()
     page = resources.files("vlmspec.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
@@ -95,6 +97,12 @@ def create_app(engine: Any, config: ServeConfig, draining: Callable[[], bool] = 
                                        shutdown_grace_period=config.shutdown_grace_seconds)
         return await complete(request, handle, reply, arrived)
 
+    def submit(**kwargs: Any) -> Any:
+        # One encode at a time: a HF fast tokenizer used from several threads at once can fail ("Already
+        # borrowed"), and the encodes are short beside the decoding they queue for.
+        with submit_lock:
+            return engine.submit(**kwargs)
+
     async def admit(request: Request) -> tuple[ChatRequest, Any]:
         """Parse and check the request, decode its images, submit it to the engine."""
         if draining():
@@ -112,11 +120,13 @@ def create_app(engine: Any, config: ServeConfig, draining: Callable[[], bool] = 
         images = await run_in_threadpool(load_images, chat.image_urls(), config.images)
         try:
             handle = await run_in_threadpool(
-                engine.submit, images=images, messages=chat.hf_messages(),
+                submit, images=images, messages=chat.hf_messages(),
                 max_new_tokens=context if budget is None else budget, temperature=chat.temperature,
                 top_p=chat.top_p, top_k=chat.top_k, seed=chat.seed, stop=chat.stop_strings)
         except ValueError as error:
             raise APIError(400, str(error), param="messages") from None
+        except RuntimeError as error:                  # the engine is stopping
+            raise APIError(503, str(error)) from None
         if budget is not None and handle.prompt_tokens + budget > context:
             engine.cancel(handle)
             raise APIError(400, f"the prompt is {handle.prompt_tokens} tokens and max_tokens is {budget}: "
