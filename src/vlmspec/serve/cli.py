@@ -50,11 +50,14 @@ def add_parser(sub) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    import uvicorn
+    try:
+        import uvicorn
 
+        from vlmspec.serve.app import create_app
+    except ImportError as error:
+        raise ValueError(f"vlmspec serve needs the serve extra (pip install 'vlmspec[serve]'): {error}") from None
     from vlmspec.batching import Engine
     from vlmspec.runtime import open_generator
-    from vlmspec.serve.app import create_app
 
     # Everything cheap is checked, and the port taken, before the model loads.
     if args.max_concurrency < 1:
