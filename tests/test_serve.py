@@ -21,6 +21,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import numpy as np
@@ -30,8 +31,7 @@ import torch
 import uvicorn
 from PIL import Image
 
-from vlmspec import Generator, Target, TreeConfig, build_drafter
-from vlmspec.batching import Engine, RequestCancelled
+from vlmspec import Engine, Generator, RequestCancelled, Target, TreeConfig, build_drafter
 from vlmspec.cli import main
 from vlmspec.serve.app import create_app
 from vlmspec.serve.config import ImageLimits, ServeConfig
@@ -128,12 +128,25 @@ def media(tmp_path_factory):
     return root
 
 
+def recording(engine: Engine) -> tuple[Engine, list]:
+    """The engine, with every request the server submits to it kept in the returned list."""
+    handles, submit = [], engine.submit
+    engine.submit = lambda **kwargs: handles.append(submit(**kwargs)) or handles[-1]
+    return engine, handles
+
+
+class Served(NamedTuple):
+    url: str
+    handles: list                  # every request the server submitted to its engine
+
+
 @pytest.fixture(scope="module")
 def server(target, drafter, media):
     config = ServeConfig(model_name=MODEL, max_body_bytes=MAX_BODY,
                          images=ImageLimits(**LIMITS, allowed_local_media_path=media))
-    with running(Engine(target, drafter, TREE, max_batch=8), config) as url:
-        yield url
+    engine, handles = recording(Engine(target, drafter, TREE, max_batch=8))
+    with running(engine, config) as url:
+        yield Served(url, handles)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +174,7 @@ def stream_answer(api: openai.OpenAI, **kwargs) -> tuple[str, list[int], list[di
 def test_answers_equal_generate(server, generator, image_url, sampling):
     expected = generator.generate(images=[noise(30, 24, seed=1)], messages=hf_user("what color is the cat?", 1),
                                   max_new_tokens=16, **sampling)
-    api = client(server)
+    api = client(server.url)
     messages = user("what color is the cat?", image_url)
     answer = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, **sampling)
     assert answer.choices[0].message.content == expected.text
@@ -185,13 +198,13 @@ def test_answers_equal_generate(server, generator, image_url, sampling):
 def test_string_content_and_system_message(server, generator):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"}]
     expected = generator.generate(messages=messages, max_new_tokens=8, temperature=0.0)
-    answer = client(server).chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    answer = client(server.url).chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
     assert answer.choices[0].message.content == expected.text
     assert answer.choices[0].finish_reason == ("length" if len(expected.token_ids) == 8 else "stop")
 
 
 def test_allowed_local_files_answer_as_data_urls(server, media, image_url):
-    api = client(server)
+    api = client(server.url)
     answers = [api.chat.completions.create(model=MODEL, messages=user("describe", url), max_tokens=8,
                                            temperature=0).choices[0].message.content
                for url in (image_url, f"file://{media / 'cat.png'}", "cat.png", str(media / "sub" / ".." / "cat.png"))]
@@ -199,13 +212,16 @@ def test_allowed_local_files_answer_as_data_urls(server, media, image_url):
 
 
 def test_concurrent_clients_get_what_they_get_alone(server):
-    api = client(server)
+    api = client(server.url)
     requests = [dict(messages=user(f"question {i} about the cat", data_url(encode(noise(20 + i, 28, seed=i)))),
                      max_tokens=6 + i, temperature=0.8 * (i % 2), seed=i) for i in range(8)]
     alone = [api.chat.completions.create(model=MODEL, **r).choices[0].message.content for r in requests]
+    before = len(server.handles)
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda r: stream_answer(api, **r)[0], requests))
     assert together == alone
+    batch_sizes = [size for handle in server.handles[before:] for size in handle.stats.batch_size_per_step]
+    assert max(batch_sizes) >= 2                           # they were decoded together, not one after another
 
 
 def bad_requests(image_url: str, media: Path) -> list[tuple[str, object, int, str]]:
@@ -277,7 +293,7 @@ def test_bad_request_corpus_gets_clear_4xx_and_the_server_stays_up(server, image
     corpus = bad_requests(image_url, media)
     assert len(corpus) >= 20
     failures = []
-    with httpx.Client(base_url=server, timeout=60) as http:
+    with httpx.Client(base_url=server.url, timeout=60) as http:
         for case, body, status, words in corpus:
             content = body if isinstance(body, bytes) else json.dumps(body).encode()
             response = http.post("/v1/chat/completions", content=content, headers={"Content-Type": "application/json"})
@@ -289,12 +305,12 @@ def test_bad_request_corpus_gets_clear_4xx_and_the_server_stays_up(server, image
         health = http.get("/health")
         assert health.status_code == 200 and health.json()["status"] == "ok"
         assert http.get("/metrics").text.count('vlmspec_requests_total{status="400"}') == 1
-    answer = client(server).chat.completions.create(model=MODEL, messages=user("still there?"), max_tokens=3)
+    answer = client(server.url).chat.completions.create(model=MODEL, messages=user("still there?"), max_tokens=3)
     assert answer.usage.completion_tokens >= 1
 
 
 def test_openai_client_raises_its_usual_errors(server):
-    api = client(server)
+    api = client(server.url)
     with pytest.raises(openai.NotFoundError, match="not found"):
         api.chat.completions.create(model="other", messages=user("hi"))
     with pytest.raises(openai.BadRequestError, match="never fetches"):
@@ -302,9 +318,9 @@ def test_openai_client_raises_its_usual_errors(server):
 
 
 def test_models_health_metrics_and_page(server):
-    models = client(server).models.list()
+    models = client(server.url).models.list()
     assert [m.id for m in models.data] == [MODEL]
-    with httpx.Client(base_url=server) as http:
+    with httpx.Client(base_url=server.url) as http:
         assert http.get("/health").json()["status"] == "ok"
         metrics = http.get("/metrics").text
         for name in ("vlmspec_requests_total", "vlmspec_running_rows", "vlmspec_waiting_rows",
@@ -338,9 +354,7 @@ def test_text_only_target_refuses_images(tmp_path):
 
 
 def test_disconnect_mid_stream_cancels_and_frees_the_slot(target, drafter):
-    engine = Engine(target, drafter, TREE, max_batch=1)
-    handles, submit = [], engine.submit
-    engine.submit = lambda **kwargs: handles.append(submit(**kwargs)) or handles[-1]
+    engine, handles = recording(Engine(target, drafter, TREE, max_batch=1))
     with running(engine, ServeConfig(model_name=MODEL)) as url:
         api = client(url)
         stream = api.chat.completions.create(model=MODEL, messages=user("talk for a long time"), max_tokens=1500,

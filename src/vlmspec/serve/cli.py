@@ -56,7 +56,6 @@ def serve_command(args: argparse.Namespace) -> int:
         from vlmspec.serve.app import create_app
     except ImportError as error:
         raise ValueError(f"vlmspec serve needs the serve extra (pip install 'vlmspec[serve]'): {error}") from None
-    from vlmspec.batching import Engine
     from vlmspec.runtime import open_generator
 
     # Everything cheap is checked, and the port taken, before the model loads.
@@ -72,8 +71,8 @@ def serve_command(args: argparse.Namespace) -> int:
     if not is_loopback(args.host) and config.api_key is None:
         print(f"vlmspec serve: warning: listening on {args.host} without an API key: anyone who can reach this "
               f"port can use the model", file=sys.stderr)
-    generator = open_generator(args.target, args.drafter, args.tree, args.dtype, args.drafter_option)
-    engine = Engine(generator.target, generator.drafter, generator.tree, max_batch=args.max_concurrency)
+    engine = open_generator(args.target, args.drafter, args.tree, args.dtype, args.drafter_option).engine(
+        max_batch=args.max_concurrency)
     server: uvicorn.Server | None = None
     app = create_app(engine, config, draining=lambda: server is not None and server.should_exit)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level,
