@@ -327,6 +327,11 @@ def test_models_health_metrics_and_page(server):
                      "vlmspec_generated_tokens_total", "vlmspec_target_forwards_total", "vlmspec_tau_bucket",
                      "vlmspec_time_to_first_token_seconds_bucket", "vlmspec_request_seconds_bucket"):
             assert name in metrics, name
+        finished = [h for h in server.handles if h.done and h.stats.new_tokens and not h.cancel_requested]
+        for name, expected in (("prompt_tokens", sum(h.prompt_tokens for h in finished)),
+                               ("generated_tokens", sum(h.stats.new_tokens for h in finished)),
+                               ("target_forwards", sum(h.stats.target_forwards for h in finished))):
+            assert float(re.search(rf"^vlmspec_{name}_total (\S+)$", metrics, re.M).group(1)) == expected, name
         page = http.get("/")
         assert page.status_code == 200 and "<script>" in page.text and "/v1/chat/completions" in page.text
         assert "default-src 'none'" in page.headers["content-security-policy"]

@@ -14,7 +14,7 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -35,6 +35,10 @@ from vlmspec.serve.pieces import TokenPieces
 from vlmspec.serve.responses import Reply, answer_stats, finish_reason
 from vlmspec.serve.schema import ChatRequest
 
+if TYPE_CHECKING:
+    from vlmspec import Engine
+    from vlmspec.request import Request as Handle
+
 logger = logging.getLogger("vlmspec.serve")
 
 # The page runs only its own inline script and talks only to this server.
@@ -42,7 +46,7 @@ PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsaf
                "connect-src 'self'; base-uri 'none'; form-action 'none'")
 
 
-def create_app(engine: Any, config: ServeConfig, draining: Callable[[], bool] = lambda: False) -> FastAPI:
+def create_app(engine: Engine, config: ServeConfig, draining: Callable[[], bool] = lambda: False) -> FastAPI:
     """`engine`: a `vlmspec.Engine` (started and stopped with the app). `draining()` is true once the server has
     been told to stop (SIGTERM): new requests then get 503 while running ones finish."""
     metrics = ServerMetrics(lambda: engine.num_running, lambda: engine.num_waiting)
@@ -97,13 +101,13 @@ def create_app(engine: Any, config: ServeConfig, draining: Callable[[], bool] = 
                                        shutdown_grace_period=config.shutdown_grace_seconds)
         return await complete(request, handle, reply, arrived)
 
-    def submit(**kwargs: Any) -> Any:
+    def submit(**kwargs: Any) -> Handle:
         # One encode at a time: a HF fast tokenizer used from several threads at once can fail ("Already
         # borrowed"), and the encodes are short beside the decoding they queue for.
         with submit_lock:
             return engine.submit(**kwargs)
 
-    async def admit(request: Request) -> tuple[ChatRequest, Any]:
+    async def admit(request: Request) -> tuple[ChatRequest, Handle]:
         """Parse and check the request, decode its images, submit it to the engine."""
         if draining():
             raise APIError(503, "the server is shutting down and admits no new requests")
@@ -134,7 +138,7 @@ def create_app(engine: Any, config: ServeConfig, draining: Callable[[], bool] = 
                                 f"{context}", param="max_tokens")
         return chat, handle
 
-    async def complete(request: Request, handle: Any, reply: Reply, arrived: float) -> Response:
+    async def complete(request: Request, handle: Handle, reply: Reply, arrived: float) -> Response:
         """A non-streamed answer; a client that disconnects meanwhile cancels the request."""
         result = None
 
@@ -155,23 +159,22 @@ def create_app(engine: Any, config: ServeConfig, draining: Callable[[], bool] = 
                         first = False
                 group.cancel_scope.cancel()
         finally:
-            if not handle.done:
+            if result is None:        # the client went away, or the handler was cancelled: free the slots now
                 engine.cancel(handle)
         if result is None or result.finish_reason == "cancelled":
             metrics.requests.labels(status="499" if result is None else "503").inc()
             return APIError(503, "the request was cancelled before it finished").response()
-        finished(result, handle, arrived, "200")
+        finished(result, arrived)
         return JSONResponse(reply.completion(result, handle.prompt_tokens))
 
-    async def stream(handle: Any, chat: ChatRequest, reply: Reply, arrived: float) -> AsyncIterator[dict[str, str]]:
+    async def stream(handle: Handle, chat: ChatRequest, reply: Reply, arrived: float) -> AsyncIterator[dict[str, str]]:
         """SSE events: a role chunk, one chunk per engine chunk (its text, and per token its id, text piece and
         source), a chunk with the finish reason and the answer's τ, the usage chunk if asked, then [DONE]."""
         usage = chat.include_usage
         pieces = TokenPieces(tokenizer)
-        first, sent = True, ""
+        first, sent, result, failed = True, "", None, False
         try:
             yield event(reply.chunk({"role": "assistant", "content": ""}, with_usage=usage))
-            result = None
             async for item in handle.aevents():
                 if isinstance(item, GenerationResult):
                     result = item
@@ -187,7 +190,7 @@ def create_app(engine: Any, config: ServeConfig, draining: Callable[[], bool] = 
                 yield event({"error": {"message": "the request was cancelled before it finished",
                                        "type": "service_unavailable", "param": None, "code": 503}})
                 return
-            finished(result, handle, arrived, "200")
+            finished(result, arrived)
             # Text held back at the end (a token that ends inside a character) comes with the finish reason.
             rest = {"content": result.text[len(sent):]} if result.text != sent and result.text.startswith(sent) else {}
             yield event(reply.chunk(rest, finish=finish_reason(result), with_usage=usage,
@@ -197,18 +200,19 @@ def create_app(engine: Any, config: ServeConfig, draining: Callable[[], bool] = 
             yield {"data": "[DONE]"}
         except Exception as error:  # noqa: BLE001 - the stream has started: the client can only hear it in-band
             logger.exception("generation failed")
+            failed = True
             metrics.requests.labels(status="500").inc()
             yield event({"error": {"message": f"generation failed: {error}", "type": "server_error",
                                    "param": None, "code": 500}})
         finally:
-            if not handle.done:       # the client went away (or the server is stopping): free the slots now
+            if result is None:        # the client went away, the server is stopping, or generation failed
                 engine.cancel(handle)
-                metrics.requests.labels(status="499").inc()
+                if not failed:
+                    metrics.requests.labels(status="499").inc()
 
-    def finished(result: GenerationResult, handle: Any, arrived: float, status: str) -> None:
-        metrics.requests.labels(status=status).inc()
+    def finished(result: GenerationResult, arrived: float) -> None:
+        metrics.requests.labels(status="200").inc()
         metrics.request_seconds.observe(time.perf_counter() - arrived)
-        metrics.prompt_tokens.inc(handle.prompt_tokens)
         metrics.finished(result.stats)
 
     app.include_router(api)

@@ -3,9 +3,11 @@ the tests, count apart)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from vlmspec import GenerationStats
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TAU_BUCKETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0)
@@ -32,9 +34,9 @@ class ServerMetrics:
         self.request_seconds = Histogram("vlmspec_request_seconds", "From the request's arrival to its last token",
                                          buckets=LATENCY_BUCKETS, registry=r)
 
-    def finished(self, stats: Any) -> None:
+    def finished(self, stats: GenerationStats) -> None:
         """Count a finished generation's `GenerationStats`."""
-        self.prompt_tokens.inc(getattr(stats, "prompt_tokens", 0))
+        self.prompt_tokens.inc(stats.prompt_tokens)
         self.generated_tokens.inc(stats.new_tokens)
         self.target_forwards.inc(stats.target_forwards)
         for accepted in stats.accepted_per_step:

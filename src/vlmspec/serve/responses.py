@@ -10,22 +10,24 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlmspec import GenerationResult
+
 EXTENSION = "vlmspec"
 
 
-def finish_reason(result: Any) -> str:
+def finish_reason(result: GenerationResult) -> str:
     # The engine's "stop" covers EOS and stop strings, as OpenAI's does; "length" is the token budget.
-    return "length" if getattr(result, "finish_reason", "stop") == "length" else "stop"
+    return "length" if result.finish_reason == "length" else "stop"
 
 
-def answer_stats(result: Any) -> dict[str, Any]:
+def answer_stats(result: GenerationResult) -> dict[str, Any]:
     stats = result.stats
     return {"tau": stats.tau, "accepted_draft_tokens": sum(stats.accepted_per_step),
             "target_forwards": stats.target_forwards, "accepted_by_depth": stats.accepted_by_depth,
             "seconds": stats.seconds}
 
 
-def usage(prompt_tokens: int, result: Any) -> dict[str, int]:
+def usage(prompt_tokens: int, result: GenerationResult) -> dict[str, int]:
     completion = len(result.token_ids)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion}
@@ -39,7 +41,7 @@ class Reply:
     id: str = field(default_factory=lambda: f"chatcmpl-{secrets.token_hex(12)}")
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def completion(self, result: Any, prompt_tokens: int) -> dict[str, Any]:
+    def completion(self, result: GenerationResult, prompt_tokens: int) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                              "finish_reason": finish_reason(result), "logprobs": None}],
@@ -55,6 +57,6 @@ class Reply:
             chunk[EXTENSION] = extension
         return chunk
 
-    def usage_chunk(self, result: Any, prompt_tokens: int) -> dict[str, Any]:
+    def usage_chunk(self, result: GenerationResult, prompt_tokens: int) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [], "usage": usage(prompt_tokens, result)}
