@@ -358,7 +358,7 @@ def test_text_only_target_refuses_images(tmp_path):
             client(url).chat.completions.create(model=MODEL, messages=user("hi", data_url(encode(noise(8, 8)))))
 
 
-def test_disconnect_mid_stream_cancels_and_frees_the_slot(target, drafter):
+def test_disconnect_cancels_and_frees_the_slot(target, drafter):
     engine, handles = recording(Engine(target, drafter, TREE, max_batch=1))
     with running(engine, ServeConfig(model_name=MODEL)) as url:
         api = client(url)
@@ -371,6 +371,21 @@ def test_disconnect_mid_stream_cancels_and_frees_the_slot(target, drafter):
         assert answer.usage.completion_tokens >= 1
         with pytest.raises(RequestCancelled):            # it did not run to its 1500 tokens
             handles[0].result()
+        # Not streamed: the client sends its request and hangs up; the server notices while the answer runs.
+        body = json.dumps({"model": MODEL, "messages": user("talk again"), "max_tokens": 1500, "temperature": 0})
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            raw.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+            deadline = time.monotonic() + 60
+            while len(handles) < 3 and time.monotonic() < deadline:     # wait until the server has submitted it
+                time.sleep(0.01)
+        # (result() is read only once the request is done: it waits on the sync queue, which aevents() took over)
+        while not handles[2].done and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(RequestCancelled):
+            handles[2].result()
+        assert api.chat.completions.create(model=MODEL, messages=user("next"), max_tokens=4).usage.completion_tokens
 
 
 def test_serve_cli_binds_loopback_and_exits_cleanly_on_sigterm(tmp_path):
