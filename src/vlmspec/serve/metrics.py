@@ -25,7 +25,7 @@ class ServerMetrics:
         self.generated_tokens = Counter("vlmspec_generated_tokens", "Tokens generated", registry=r)
         self.target_forwards = Counter("vlmspec_target_forwards", "Target forwards (prefill included)", registry=r)
         self.accepted_tokens = Counter("vlmspec_accepted_draft_tokens",
-                                       "Accepted draft tokens, by depth in the draft tree", ["depth"], registry=r)
+                                       "Emitted accepted draft tokens, by depth in the draft tree", ["depth"], registry=r)
         self.tau = Histogram("vlmspec_tau", "Per request: new tokens / target forwards", buckets=TAU_BUCKETS,
                              registry=r)
         self.time_to_first_token = Histogram("vlmspec_time_to_first_token_seconds",
@@ -39,9 +39,9 @@ class ServerMetrics:
         self.prompt_tokens.inc(stats.prompt_tokens)
         self.generated_tokens.inc(stats.new_tokens)
         self.target_forwards.inc(stats.target_forwards)
-        for accepted in stats.accepted_per_step:
-            for depth in range(1, accepted + 1):
-                self.accepted_tokens.labels(depth=str(depth)).inc()
+        for source in stats.token_sources:                  # emitted tokens only, as τ counts them
+            if source > 0:
+                self.accepted_tokens.labels(depth=str(source)).inc()
         if stats.target_forwards:
             self.tau.observe(stats.tau)
 

@@ -22,7 +22,9 @@ def finish_reason(result: GenerationResult) -> str:
 
 def answer_stats(result: GenerationResult) -> dict[str, Any]:
     stats = result.stats
-    return {"tau": stats.tau, "accepted_draft_tokens": sum(stats.accepted_per_step),
+    # Counted from the emitted tokens' sources, as τ is: a step cut short by EOS or the budget accepted more
+    # draft tokens than it emitted.
+    return {"tau": stats.tau, "accepted_draft_tokens": sum(source > 0 for source in stats.token_sources),
             "target_forwards": stats.target_forwards, "accepted_by_depth": stats.accepted_by_depth,
             "seconds": stats.seconds}
 
