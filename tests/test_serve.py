@@ -389,6 +389,25 @@ def test_disconnect_cancels_and_frees_the_slot(target, drafter):
         assert api.chat.completions.create(model=MODEL, messages=user("next"), max_tokens=4).usage.completion_tokens
 
 
+def test_a_failed_engine_step_is_a_500_and_the_server_goes_on(target, monkeypatch):
+    engine = Engine(target, None, max_batch=2)
+    with running(engine, ServeConfig(model_name=MODEL)) as url:
+        api = client(url)
+
+        def boom():
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(engine, "_decode_step", boom)
+        with pytest.raises(openai.InternalServerError, match="boom"):
+            api.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=5)
+        with pytest.raises(openai.APIError, match="boom"):              # streamed: the error comes in-band
+            stream_answer(api, messages=user("hi"), max_tokens=5)
+        monkeypatch.undo()
+        assert api.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=3).usage.completion_tokens
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'vlmspec_requests_total{status="500"} 2.0' in metrics
+
+
 def test_serve_cli_binds_loopback_and_exits_cleanly_on_sigterm(tmp_path):
     folder = save_tiny_model(tmp_path / "tiny", "llava")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

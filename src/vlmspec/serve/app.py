@@ -161,9 +161,10 @@ def create_app(engine: Engine, config: ServeConfig, draining: Callable[[], bool]
         finally:
             if result is None:        # the client went away, or the handler was cancelled: free the slots now
                 engine.cancel(handle)
-        if result is None or result.finish_reason == "cancelled":
-            metrics.requests.labels(status="499" if result is None else "503").inc()
-            return APIError(503, "the request was cancelled before it finished").response()
+        if result is None or result.finish_reason in UNFINISHED:
+            error = unfinished(handle, result)
+            metrics.requests.labels(status="499" if result is None else str(error.status)).inc()
+            return error.response()
         finished(result, arrived)
         return JSONResponse(reply.completion(result, handle.prompt_tokens))
 
@@ -185,10 +186,10 @@ def create_app(engine: Engine, config: ServeConfig, draining: Callable[[], bool]
                 tokens = {"token_ids": item.token_ids, "sources": item.sources, "pieces": pieces.add(item.token_ids)}
                 sent += item.text
                 yield event(reply.chunk({"content": item.text}, extension=tokens, with_usage=usage))
-            if result is None or result.finish_reason == "cancelled":
-                metrics.requests.labels(status="503").inc()
-                yield event({"error": {"message": "the request was cancelled before it finished",
-                                       "type": "service_unavailable", "param": None, "code": 503}})
+            if result is None or result.finish_reason in UNFINISHED:
+                error = unfinished(handle, result)
+                metrics.requests.labels(status=str(error.status)).inc()
+                yield event(error.body())            # the stream has started: the client hears it in-band
                 return
             finished(result, arrived)
             # Text held back at the end (a token that ends inside a character) comes with the finish reason.
@@ -199,11 +200,10 @@ def create_app(engine: Engine, config: ServeConfig, draining: Callable[[], bool]
                 yield event(reply.usage_chunk(result, handle.prompt_tokens))
             yield {"data": "[DONE]"}
         except Exception as error:  # noqa: BLE001 - the stream has started: the client can only hear it in-band
-            logger.exception("generation failed")
+            logger.exception("streaming failed")
             failed = True
             metrics.requests.labels(status="500").inc()
-            yield event({"error": {"message": f"generation failed: {error}", "type": "server_error",
-                                   "param": None, "code": 500}})
+            yield event(APIError(500, f"streaming failed: {error}").body())
         finally:
             if result is None:        # the client went away, the server is stopping, or generation failed
                 engine.cancel(handle)
@@ -233,6 +233,16 @@ def create_app(engine: Engine, config: ServeConfig, draining: Callable[[], bool]
         return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_POLICY})
 
     return app
+
+
+UNFINISHED = ("cancelled", "error")
+
+
+def unfinished(handle: Handle, result: GenerationResult | None) -> APIError:
+    """Why a request has no answer: the engine failed it (500), or it was cancelled (the server is stopping)."""
+    if result is not None and result.finish_reason == "error":
+        return APIError(500, f"generation failed in the engine: {handle.error}")
+    return APIError(503, "the request was cancelled before it finished")
 
 
 def event(payload: dict[str, Any]) -> dict[str, str]:

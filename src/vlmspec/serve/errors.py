@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-               503: "service_unavailable"}
+               500: "server_error", 503: "service_unavailable"}
 
 
 class APIError(Exception):
@@ -21,11 +21,13 @@ class APIError(Exception):
         self.message = message
         self.param = param
 
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "server_error"),
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "server_error"),
                           "param": self.param, "code": self.status}}
+
+    def response(self) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(body, status_code=self.status, headers=headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 # Union branches appear in pydantic's error locations as type names; they are not request fields.
