@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     from vlmspec import demo, export
     from vlmspec.bench import cli as bench_cli
     from vlmspec.bench import tune as tune_cli
+    from vlmspec.serve import cli as serve_cli
     from vlmspec.testbed import cli as testbed_cli
     from vlmspec.train import cli as train_cli
 
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune_cli.add_parser(sub)
     demo.add_parser(sub)
     export.add_parser(sub)
+    serve_cli.add_parser(sub)
     return parser
 
 
