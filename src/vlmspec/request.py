@@ -128,7 +128,8 @@ class Request:
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._async: tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None = None   # set by `aevents`
-        self._finished = threading.Event()
+        self._finished = threading.Event()          # set once the result and the end are published
+        self._end_read = False                      # `events` has read the end of the stream
         self._result: GenerationResult | None = None
 
     # ------------------------------------------------------------------ engine side
@@ -182,7 +183,8 @@ class Request:
     # ------------------------------------------------------------------ caller side
     @property
     def done(self) -> bool:
-        return self._finished.is_set()
+        """The request has its result (a reader may not have read it yet)."""
+        return self._result is not None
 
     def events(self) -> Iterator[Chunk | GenerationResult]:
         """`Chunk`s as steps commit tokens, then the `GenerationResult`."""
@@ -190,12 +192,13 @@ class Request:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                if self.done:                    # the end was read before
+                if self._end_read:
                     return
                 if self.engine.drive_until(self):
                     continue
                 item = self._queue.get()         # the engine's thread delivers
             if item is _END:
+                self._end_read = True
                 return
             yield item
 
@@ -232,11 +235,12 @@ class Request:
     def result(self) -> GenerationResult:
         """Wait for the end of the request; raises `RequestCancelled` if it was cancelled, RuntimeError if the
         engine failed it."""
-        for _ in self.events():
-            pass
-        if self._result is not None and self._result.finish_reason == "error":
+        while not self._finished.is_set():      # without reading the stream: another reader may have it
+            if not self.engine.drive_until(self):
+                self._finished.wait()
+        if self._result.finish_reason == "error":
             raise RuntimeError(f"request {self.id} failed in the engine: {self.error}")
-        if self._result is None or self._result.finish_reason == "cancelled":
+        if self._result.finish_reason == "cancelled":
             raise RequestCancelled(f"request {self.id} was cancelled")
         return self._result
 
