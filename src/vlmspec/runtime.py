@@ -73,7 +73,11 @@ def checkpoint_profile(name: str) -> AcceptanceProfile | None:
     """The acceptance profile of a checkpoint: its config.json's `acceptance` (written by `vlmspec tune --save`),
     else a depth-only prior from its training's final top-1 accuracy (`train_config.json`: `acc@1` at every depth,
     no gain from width), else None."""
+    from vlmspec.drafters import speculators
+
     directory = resolve_drafter_path(name)
+    if speculators.read_config(directory) is not None:      # an engine-format checkpoint records no profile
+        return None
     meta = read_drafter_meta(directory)
     if meta.get("acceptance"):
         return AcceptanceProfile.from_dict(meta["acceptance"])
