@@ -91,7 +91,8 @@ def test_deferred_first_step_changes_no_output(family_setup):
     for name, drafter in drafters_of(target, directory).items():
         generator = Generator(target, drafter, TreeConfig("dynamic", depth=3, topk=2, total_tokens=6))
         generator.budget.short_share = 1.0
-        batch = generator.generate_batch(requests, max_batch=3)
+        short = {**requests[0], "max_new_tokens": 2}              # leaves before any row has drafted
+        batch = generator.generate_batch([short] + requests, max_batch=3)[1:]
         generator.budget.short_share = 1.0                        # long answers above lowered it
         alone = generator.generate(**requests[0])
         assert not alone.stats.draft_forwards_per_step[0] and alone.stats.accepted_per_step[0] == 0
@@ -219,3 +220,29 @@ def test_engine_thread_streams_async_stops_cleanly_and_survives_a_failed_step(tm
     assert all(handle.done for handle in waiting)
     with pytest.raises(RuntimeError, match="stopping"):
         engine.submit(prompt="the cat sat")
+
+
+def test_row_cache_keeps_rows_in_place():
+    """RowCache: rows write at their own ends, keep compacts a path in place, move_row packs the rows (also
+    before anything was written)."""
+    from vlmspec.target.cache import RowCache
+
+    empty = RowCache(num_layers=1, rows=3)
+    empty.move_row(2, 0)
+    assert empty.ends == [0, 0]
+    cache = RowCache(num_layers=2, rows=2)
+    for layer in range(2):                                    # row 0 gets 3 entries, row 1 as well
+        keys = torch.arange(2 * 3, dtype=torch.float32).view(2, 1, 3, 1).expand(2, 1, 3, 4) + 10 * layer
+        out_keys, _ = cache.update(keys, keys, layer)
+        assert out_keys.shape == (2, 1, 3, 4)
+    assert cache.ends == [3, 3]
+    cache.keep(0, 0, [0, 2])                                  # row 0 keeps entries 0 and 2
+    assert cache.ends == [2, 3]
+    assert cache.layers[1].keys[0, 0, :2, 0].tolist() == [10.0, 12.0]
+    keys = torch.full((2, 1, 1, 4), 7.0)
+    for layer in range(2):
+        out_keys, _ = cache.update(keys, keys, layer)
+    assert cache.ends == [3, 4] and out_keys.shape[2] == 4    # up to the longest row
+    assert cache.layers[0].keys[0, 0, 2, 0] == 7.0 and cache.layers[0].keys[1, 0, 3, 0] == 7.0
+    cache.move_row(1, 0)
+    assert cache.ends == [4] and cache.layers[0].keys[0, 0, :4, 0].tolist() == [3.0, 4.0, 5.0, 7.0]

@@ -105,8 +105,8 @@ class Engine:
             stop = (stop,)
         if self._stopping:
             raise RuntimeError("the engine is stopping: no new requests")
-        budget = min(max_new_tokens, self.context_length - inputs["input_ids"].shape[1])
-        request = Request(self, next(self._ids), inputs, budget, sampling, seed, stop)
+        room = min(max_new_tokens, self.context_length - inputs["input_ids"].shape[1])   # the context bounds it
+        request = Request(self, next(self._ids), inputs, room, sampling, seed, stop)
         with self._queue_lock:
             self._waiting.append(request)
         self._wakeup.set()
@@ -144,12 +144,8 @@ class Engine:
         return True
 
     def run(self, requests: Sequence[Request]) -> list[GenerationResult]:
-        """Drive the engine until `requests` are done; their results in order (cancelled ones raise)."""
-        while not all(request.done for request in requests):
-            if not self.running_in_thread:
-                self.step()
-            else:
-                requests[[r.done for r in requests].index(False)]._finished.wait()
+        """Wait for (or, without a thread, drive the engine until) `requests` are done; their results in order
+        (every step advances all rows, so waiting on one request runs the others too)."""
         return [request.result() for request in requests]
 
     @property

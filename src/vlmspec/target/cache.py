@@ -143,11 +143,11 @@ class RowCache(Cache):
     def move_row(self, source: int, target: int) -> None:
         """Copy row `source` over row `target` (to pack the rows after `target` left); `source` is dropped if last."""
         length = self.ends[source]
-        if source != target:
+        if source != target and length:              # a row with entries has its buffer rows
             for layer in self.layers:
                 layer.keys[target, :, :length] = layer.keys[source, :, :length]
                 layer.values[target, :, :length] = layer.values[source, :, :length]
-            self.ends[target] = length
+        self.ends[target] = length
         if source == self.rows - 1:
             self.ends.pop()
 
