@@ -50,12 +50,14 @@ def test_buckets_learn_separately():
     assert max(rates[2], key=rates[2].get) == "dynamic/d6/k4/24" and max(rates[16], key=rates[16].get) == "none"
 
 
-def test_first_step_is_deferred_only_while_answers_are_mostly_short():
+def test_first_step_skips_drafting_only_while_answers_are_mostly_short():
     budget = TreeBudget(TREE)
-    assert not budget.defer_first_step
-    for _ in range(6):
+    assert budget.first_tree(TREE) == TREE
+    for _ in range(2):
         budget.finished(2)
-    assert budget.defer_first_step
-    for _ in range(6):
-        budget.finished(40)
-    assert not budget.defer_first_step
+    assert budget.first_tree(TREE) is None
+    budget.finished(40)                                         # a long answer: draft from the first step again
+    assert budget.first_tree(TREE) == TREE
+    budget.finished(1)
+    budget.finished(2)
+    assert budget.first_tree(TREE) is None

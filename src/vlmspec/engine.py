@@ -262,9 +262,9 @@ class Engine:
         forwards_before = [getattr(request.draft_state, "forwards", 0) for request in rows]
         drafted: list[Tree | None] = [None] * len(rows)
         if drafter is not None:
-            defer = self.budget is not None and self.budget.defer_first_step
+            first_tree = self.budget.first_tree(greedy_tree) if self.budget is not None else greedy_tree
             configs = [self.tree if not request.sampling.greedy else
-                       None if defer and not request.stats.accepted_per_step else greedy_tree for request in rows]
+                       greedy_tree if request.stats.accepted_per_step else first_tree for request in rows]
             drafted = self.draft_batch.propose(configs, [r.sampling for r in rows], [r.generator for r in rows])
         trees = [tree if tree is not None else Tree.root_only(torch.tensor([request.root_token], device=target.device))
                  for tree, request in zip(drafted, rows)]
