@@ -164,8 +164,9 @@ def test_tree_auto_resolves_at_load_and_stays_lossless(tiny, tmp_path, monkeypat
     profile = AcceptanceProfile(by_depth=(0.9, 0.8), by_rank=(0.9, 0.95, 0.97), draft_cost_ratio=0.05)
     meta = json.loads((checkpoint / "config.json").read_text())
     (checkpoint / "config.json").write_text(json.dumps({**meta, "acceptance": profile.to_dict()}))
-    auto = resolve_tree(None, target, str(checkpoint), drafter, recommended)
+    auto = resolve_tree("auto", target, str(checkpoint), drafter, recommended)
     assert auto == choose_tree(probe.target_costs(target), 0.05, profile).tree != recommended
+    assert resolve_tree(None, target, str(checkpoint), drafter, recommended) == recommended   # the default
     assert resolve_tree("recommended", target, str(checkpoint), drafter, recommended) == recommended
     assert resolve_tree("kind=chain,depth=3", target, "eagle", drafter, None) == TreeConfig(kind="chain", depth=3)
     assert resolve_tree(None, target, "eagle", drafter, None) == TreeConfig()   # untrained type: the default

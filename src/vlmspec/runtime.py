@@ -2,8 +2,9 @@
 
 `--tree` takes an explicit tree (`TreeConfig.parse`), `auto` (the tree `vlmspec.autotree` expects to run fastest on
 this machine, from the probed c(k) and the checkpoint's acceptance profile) or `recommended` (the checkpoint's own
-tree). Unset: `auto` for a checkpoint (shipped or trained), the default tree for an untrained drafter. Only the tree's
-shape changes, so every choice is lossless.
+tree). Unset: the checkpoint's recommended tree (its tuned tree; measured faster than `auto` on the testbed's
+short answers, docs/drafters.md), the default tree for an untrained drafter. Only the tree's shape changes, so
+every choice is lossless.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def resolve_tree(spec: str | None, target: Target, name: str, drafter: Drafter |
     if drafter is None:
         return TreeConfig()
     if spec is None:
-        spec = "auto" if is_checkpoint(name) else "recommended"
+        spec = "recommended"
     if spec == "auto":
         return auto_tree(target, name, drafter) or recommended or TreeConfig()
     if spec == "recommended":
