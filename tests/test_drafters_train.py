@@ -77,6 +77,7 @@ def test_training_forward_matches_decoding(tiny, trained, drafter_type):
         trained_out = drafter(pairs.tokens, drafter.input_features(batch.hidden_states)[:, :-1], pairs.positions,
                               causal_mask(count, torch.float32), None, extra)                 # [1, n, H]
         state = drafter.begin(target, prefill, first_token=int(prefill.logits.argmax()))
+        drafter.ready(state)                                                    # the prompt's entries
         decoded = drafter.decoder(state.catchup[None], state.catchup_positions[None],
                                   causal_mask(count + 1, torch.float32), None)[0]         # the catch-up forward
     torch.testing.assert_close(decoded[:count], trained_out[0], rtol=1e-4, atol=1e-5)

@@ -18,7 +18,7 @@ of the entry's token, M-RoPE included). Decode-time entries are text and continu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +41,7 @@ class FeatureDraftState(DraftState):
     context: Tensor | None = None                # [H] context term of every decode-time pair (None: none)
     catchup: Tensor | None = None                # [n, X] draft inputs of verified entries not yet in the cache …
     catchup_positions: Tensor | None = None      # … and their positions [n] ([3, n] for M-RoPE)
+    prompt: Callable[[], tuple] | None = None    # the prompt's entries, computed when first needed (`ready`)
 
 
 class FeatureDrafter(Drafter):
@@ -85,9 +86,16 @@ class FeatureDrafter(Drafter):
     def begin(self, target, prefill, first_token: int) -> FeatureDraftState:
         if prefill.input_ids.shape[0] != 1:
             raise ValueError(f"{self.drafter_type} decodes batch 1")
-        inputs, positions, context = self.prompt_entries(prefill, first_token)
-        return FeatureDraftState(root=first_token, cache=self.decoder.new_decode_cache(), context=context,
-                                 catchup=inputs, catchup_positions=positions)
+        return FeatureDraftState(root=first_token, cache=self.decoder.new_decode_cache(),
+                                 prompt=lambda: self.prompt_entries(prefill, first_token))
+
+    @staticmethod
+    def ready(state: FeatureDraftState) -> None:
+        """Compute the prompt's entries if not done yet: a one-word answer that ends before any drafting (the
+        engine's short-answer rule) never pays for them."""
+        if state.prompt is not None:
+            state.catchup, state.catchup_positions, state.context = state.prompt()
+            state.prompt = None
 
     def new_batch(self) -> "FeatureDraftBatch":
         return FeatureDraftBatch(self)
@@ -100,6 +108,7 @@ class FeatureDrafter(Drafter):
         return FeatureDraftBatch(self, state.cache, [state]).propose([tree_config], [sampling], [generator])[0]
 
     def accept(self, state: FeatureDraftState, tree: Tree, path: list[int], verified, bonus: int) -> None:
+        self.ready(state)
         state.cache.keep(state.row, state.length, [])                          # drop the drafted nodes
         tokens = torch.tensor([tree.tokens[0, path[1:]].tolist() + [bonus]], device=tree.tokens.device)
         features = self.input_features(verified.hidden_states)[:, path]        # [1, k+1, H]
@@ -156,6 +165,9 @@ class FeatureDraftBatch(DraftBatch):
         """Run the drafting rows' verified entries into their cache rows (one forward for all rows); returns each
         drafting row's last predicted feature [H] (the root's), None for the others."""
         states = self.states
+        for state, go in zip(states, drafting):
+            if go:
+                self.drafter.ready(state)
         counts = [state.catchup.shape[0] if go else 0 for state, go in zip(states, drafting)]
         width = max(counts)
         sample = next(state.catchup for state, go in zip(states, drafting) if go)
