@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 PLOTS = ("speedup.png", "acceptance.png", "costs.png")
 
@@ -188,14 +188,20 @@ def _save(fig, path: Path, plt) -> Path:
 
 def write_report(summary: dict, out: Path, plots: bool = True) -> Path:
     out = Path(out)
-    text = render_markdown(summary)
-    if plots:
-        try:
-            write_plots(summary, out)
-        except ImportError as error:          # a bare CUDA image may lack matplotlib: the tables still stand
-            text = text.replace("Plots: ", f"Plots (not drawn: {error}): ")
+    return write_markdown(render_markdown(summary), out, (lambda: write_plots(summary, out)) if plots else None,
+                          "Plots")
+
+
+def write_markdown(text: str, out: Path, draw: Callable[[], object] | None, label: str) -> Path:
+    """Write `out/report.md`, drawing its plots with `draw` (None: not in this run); the line starting with
+    `label: ` says when they were not drawn."""
+    if draw is None:
+        text = text.replace(f"{label}: ", f"{label} (not drawn in this run): ")
     else:
-        text = text.replace("Plots: ", "Plots (not drawn in this run): ")
+        try:
+            draw()
+        except ImportError as error:          # a bare CUDA image may lack matplotlib: the tables still stand
+            text = text.replace(f"{label}: ", f"{label} (not drawn: {error}): ")
     path = out / "report.md"
     path.write_text(text)
     return path

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmspec.bench import metrics
+from vlmspec.bench.report import write_markdown
 from vlmspec.bench.suites import SuiteSample, load_suites
 
 PLOT = "throughput.png"
@@ -209,14 +210,4 @@ def write_plot(summary: dict, out: Path) -> Path:
 
 
 def write_report(summary: dict, out: Path, plots: bool = True) -> Path:
-    text = render_markdown(summary)
-    if plots:
-        try:
-            write_plot(summary, out)
-        except ImportError as error:          # a bare CUDA image may lack matplotlib: the tables still stand
-            text = text.replace("Plot: ", f"Plot (not drawn: {error}): ")
-    else:
-        text = text.replace("Plot: ", "Plot (not drawn in this run): ")
-    path = out / "report.md"
-    path.write_text(text)
-    return path
+    return write_markdown(render_markdown(summary), out, (lambda: write_plot(summary, out)) if plots else None, "Plot")
