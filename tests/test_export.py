@@ -178,17 +178,7 @@ def test_same_logits_as_the_speculators_model(testbed, tmp_path, norm_before_res
     config.transformer_layer_config._attn_implementation = "eager"
     reference = model_class(config).eval()
     reference.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=False)
-    _, prefill = testbed.prefill(testbed.encode(prompt="a red square and a blue circle"))
-    tokens, count = prefill.input_ids[:, 1:], prefill.input_ids.shape[1] - 1          # pair i: (f_i, x_{i+1})
-    captured = []
-    reference.lm_head.register_forward_hook(lambda module, inputs, output: captured.append(output))
-    with torch.no_grad():
-        aux = torch.cat([prefill.hidden_states[layer] for layer in drafter.layers], dim=-1)[:, :-1]
-        reference(hidden_states=aux, input_ids=tokens, document_ids=torch.zeros_like(tokens), ttt_steps=1)
-        features = drafter(tokens, drafter.input_features(prefill.hidden_states)[:, :-1],
-                           torch.arange(count)[None], causal_mask(count, torch.float32))
-        ours = drafter.vocab_logits(features)                                          # [1, n, 300]
-    torch.testing.assert_close(ours, captured[0].float(), atol=1e-4, rtol=1e-4)
+    assert_same_logits(reference, drafter, testbed, "a red square and a blue circle")
 
 
 def test_loads_a_checkpoint_written_by_speculators(testbed, tmp_path):
@@ -225,8 +215,13 @@ def test_loads_a_checkpoint_written_by_speculators(testbed, tmp_path):
     drafter = load_drafter(tmp_path, testbed)
     assert drafter.layers == [3, 7, 12] and drafter.decoder.config.num_key_value_heads == 2
     assert torch.equal(drafter.draft_ids, ids) and recommended_tree(tmp_path) == TreeConfig(kind="chain", depth=4)
-    _, prefill = testbed.prefill(testbed.encode(prompt="three green triangles"))
-    tokens, count = prefill.input_ids[:, 1:], prefill.input_ids.shape[1] - 1
+    assert_same_logits(reference, drafter, testbed, "three green triangles")
+
+
+def assert_same_logits(reference, drafter, testbed, prompt: str) -> None:
+    """speculators' Eagle3DraftModel and our drafter give the same draft-vocabulary logits on a prompt's pairs."""
+    _, prefill = testbed.prefill(testbed.encode(prompt=prompt))
+    tokens, count = prefill.input_ids[:, 1:], prefill.input_ids.shape[1] - 1          # pair i: (f_i, x_{i+1})
     captured = []
     reference.lm_head.register_forward_hook(lambda module, inputs, output: captured.append(output))
     with torch.no_grad():

@@ -13,9 +13,9 @@ Short answers. A row's first step also pays the drafter's catch-up over the whol
 answers it saw that finished within two tokens; while that share is over one half, a greedy row's first step does
 not draft (`first_tree` is None: the row verifies its root alone, as plain decoding does) and the catch-up waits
 for the second step, which a one-word answer never reaches. A long answer loses only its first step's speculation.
-(Measured on the testbed, flash, fp32: skipping the first step's drafting takes the two-token suites from 0.7× to
-1.05× plain; a depth-2 chain instead of skipping kept them at 0.7×; on four-token and longer answers skipping costs
-up to 15 %, hence the share.)
+(Measured on the testbed, flash, fp32, `scripts/short_answer_rule.py`: skipping takes the two-token suites from
+0.62–0.66× to 1.10–1.12× plain, a depth-2 chain instead keeps them at 0.60–0.70×, and on four-token and longer
+answers skipping costs 10–40 %, hence the share; docs/engine.md.)
 
 Only greedy rows follow the budget: a greedy row's output does not depend on its tree (lossless either way), while
 a sampled row's random draws do, so sampled rows always draft the configured tree and a seeded request gets the

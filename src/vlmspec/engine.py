@@ -281,9 +281,11 @@ class Engine:
                 results.append(verify_sampling(tree, logits, request.sampling, request.generator))
         target.commit_rows(self.state, [result.path(0) for result in results])
         verify_seconds = time.perf_counter() - verify_start
+        step_tokens = 0
         for row, (request, tree, result) in enumerate(zip(rows, trees, results)):
             tick = time.perf_counter()
             emitted = result.emitted(tree, 0)
+            step_tokens += len(emitted)
             accepted = len(emitted) - 1
             draft_state = request.draft_state
             request.emit(emitted, list(range(1, accepted + 1)) + [0], self._eos, target.tokenizer)
@@ -304,8 +306,7 @@ class Engine:
         for request in rows:
             request.stats.seconds += elapsed
         if arm is not None:
-            self.budget.record(len(rows), arm, sum(len(result.emitted(tree, 0)) for tree, result in zip(trees, results)),
-                               elapsed)
+            self.budget.record(len(rows), arm, step_tokens, elapsed)
 
 
 def row_view(verified: NodesOutput, row: int, nodes: int) -> NodesOutput:

@@ -32,23 +32,25 @@ class PendingNodes:
 
     def add(self, tokens: Tensor, parents: Tensor) -> Tensor:
         """Append nodes `tokens` [B, n] with `parents` [B, n] (indices into the pending list after the append,
-        each before its child, -1 for none). Returns the new nodes' depths [B, n]."""
+        each before its child, -1 for none). Returns the new nodes' depths [B, n]. One batched update per new
+        node (a parent's row is complete before its child's), no host sync."""
         batch, count = tokens.shape
-        old, total = len(self), len(self) + tokens.shape[1]
+        old, total = len(self), len(self) + count
+        parents = parents.to(self.parents)
+        if count and bool((parents >= torch.arange(old, total, device=parents.device)).any()):
+            raise ValueError("a pending node's parent must come before it")
         ancestors = torch.zeros(batch, total, total, dtype=torch.bool, device=tokens.device)
         ancestors[:, :old, :old] = self.ancestors
         depths = torch.cat([self.depths, torch.zeros_like(tokens)], dim=1)                 # [B, total]
-        for b, row in enumerate(parents.tolist()):
-            for j, parent in enumerate(row):
-                node = old + j
-                if parent >= node:
-                    raise ValueError("a pending node's parent must come before it")
-                if parent >= 0:
-                    ancestors[b, node] = ancestors[b, parent]
-                    depths[b, node] = depths[b, parent] + 1
-                ancestors[b, node, node] = True
+        rows = torch.arange(batch, device=tokens.device)                                   # [B]
+        for j in range(count):
+            node, parent = old + j, parents[:, j]                                          # [B]
+            has_parent = parent >= 0
+            ancestors[:, node] = ancestors[rows, parent.clamp(min=0)] & has_parent[:, None]
+            ancestors[:, node, node] = True
+            depths[:, node] = torch.where(has_parent, depths[rows, parent.clamp(min=0)] + 1, 0)
         self.tokens = torch.cat([self.tokens, tokens], dim=1)
-        self.parents = torch.cat([self.parents, parents.to(self.parents)], dim=1)
+        self.parents = torch.cat([self.parents, parents], dim=1)
         self.depths, self.ancestors = depths, ancestors
         return depths[:, old:]
 

@@ -52,7 +52,7 @@ class RowCache(Cache):
         super().__init__(layers=[])
         self.layers = [RowLayer(self) for _ in range(num_layers)]
         self.ends: list[int] = [0] * rows               # filled entries per row
-        self._writing: tuple[int, list[int]] | None = None   # (count, ends) of the forward in flight
+        self._writing: tuple[list[int], int, Tensor] | None = None   # (ends, span, write index) of this forward
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -92,18 +92,17 @@ class RowCache(Cache):
         """Write keys/values [B, heads, n, head_dim] of rows 0 … B−1 at their ends; the ends advance after the
         last layer's write. Returns the buffers [B, heads, longest end + n, head_dim]."""
         batch, _, count, _ = keys.shape
-        index = self.layers.index(layer) if self._writing is None else None
-        if self._writing is None:
-            if index != 0:
+        if self._writing is None:                      # layer 0 of a forward: its rows, slots and span
+            if layer is not self.layers[0]:
                 raise RuntimeError("RowCache: a forward must write layer 0 first")
             if batch > self.rows:
                 raise ValueError(f"RowCache has {self.rows} rows, the forward has {batch}")
-            self._writing = (count, list(self.ends[:batch]))
-            self._reserve(batch, max(self._writing[1]) + count, keys)
-        _, ends = self._writing
-        span = max(ends) + count
-        slots = torch.tensor(ends, device=keys.device)[:, None] + torch.arange(count, device=keys.device)  # [B, n]
-        where = slots[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])   # [B, heads, n, head_dim]
+            ends = self.ends[:batch]
+            self._reserve(batch, max(ends) + count, keys)
+            slots = torch.tensor(ends, device=keys.device)[:, None] + torch.arange(count, device=keys.device)
+            where = slots[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])  # [B, heads, n, head_dim]
+            self._writing = (ends, max(ends) + count, where)
+        ends, span, where = self._writing
         layer.keys[:batch].scatter_(2, where, keys.to(layer.keys.dtype))
         layer.values[:batch].scatter_(2, where, values.to(layer.values.dtype))
         if layer is self.layers[-1]:
