@@ -73,7 +73,7 @@ def patches(timer: PhaseTimer, target: Target, drafter) -> list:
         (FeatureDraftBatch, "propose"): "draft glue", (type(drafter), "accept"): "draft glue",
         (Engine, "_prefill"): "prefill (excluded)", (Target, "encode"): "prefill (excluded)",
         (Target, "verify"): "verify glue", (RowCache, "write"): "cache writes", (RowCache, "keep"): "cache commit",
-        (engine, "verify_greedy"): "verification", (engine, "verify_sampling"): "verification",
+        (engine, "verify"): "verification",
         (Request, "emit"): "detokenize / stops",
     }
     found = []

@@ -1,7 +1,7 @@
 """The batched engine (continuous batching): every request's output in a mixed batch equals its output alone and
-the target's own `model.generate`, for every family × every drafter type × chain and dynamic trees; seeded
-sampling repeats in a batch; the sampled distribution at batch > 1 is the target's; cancelling one request leaves
-the others unchanged; requests join mid-flight.
+the target's own `model.generate` (greedy) or plain decoding with the same seed (sampled), for every family × every
+drafter type × chain and dynamic trees; the sampled distribution at batch > 1 is the target's; cancelling one
+request leaves the others unchanged; requests join mid-flight.
 
 Mixed batches: different prompt lengths, 0/1/2 images, different budgets and stop strings, `max_batch` below the
 number of requests so that rows finish early and waiting requests join the running batch.
@@ -20,7 +20,7 @@ import torch
 
 from vlmspec import Engine, Generator, RequestCancelled, Target, TreeConfig, available_drafters, build_drafter
 from vlmspec.testing import FAMILIES, compare_greedy, random_image, save_tiny_model
-from vlmspec.verify import SamplingConfig, target_probs
+from vlmspec.verify import Sampler, SamplingConfig, target_probs
 
 TREES = [TreeConfig("chain", depth=3), TreeConfig("dynamic", depth=3, topk=3, total_tokens=8)]
 WORDS = "the cat sat on a red mat what color is it describe image two blue circles count top left".split()
@@ -28,7 +28,8 @@ MAX_EXCUSED = 0.05
 
 
 def make_requests(family: str, seed: int) -> list[dict]:
-    """Six requests: prompts of 1–9 words, 0/1/2 images (none for a text-only target), budgets 3–14."""
+    """Six requests: prompts of 1–9 words, 0/1/2 images (none for a text-only target), budgets 3–14; two of them
+    sampled with a seed (one with top-p, one with top-k)."""
     rng = random.Random(seed)
     requests = []
     for index in range(6):
@@ -36,7 +37,17 @@ def make_requests(family: str, seed: int) -> list[dict]:
         words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 9)))
         prompt = " ".join(["<image>"] * len(images) + [words]) if index % 2 else words
         requests.append({"images": images, "prompt": prompt, "max_new_tokens": [14, 3, 9, 12, 5, 10][index]})
+    requests[2].update(temperature=0.8, top_p=0.9, seed=seed)
+    requests[5].update(temperature=1.0, top_k=20, seed=seed + 1)
     return requests
+
+
+def sampler_of(kwargs: dict) -> Sampler | None:
+    """The sampler of a sampled request (None: greedy), for `compare_greedy`'s margin."""
+    if not kwargs.get("temperature"):
+        return None
+    return Sampler(SamplingConfig(kwargs["temperature"], kwargs.get("top_p", 1.0), kwargs.get("top_k", 0)),
+                   kwargs["seed"])
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -48,6 +59,9 @@ def family_setup(request, tmp_path_factory):
     references = []
     for kwargs in requests:
         inputs = target.encode(kwargs["images"], prompt=kwargs["prompt"])
+        if sampler_of(kwargs) is not None:                       # plain decoding with the same seed
+            references.append((inputs, Generator(target).generate(**kwargs).token_ids))
+            continue
         with torch.no_grad():
             out = target.model.generate(**inputs, do_sample=False, max_new_tokens=kwargs["max_new_tokens"])
         references.append((inputs, out[0, inputs["input_ids"].shape[1]:].tolist()))
@@ -74,7 +88,7 @@ def test_mixed_batch_equals_alone_and_model_generate(family_setup):
         for index, (kwargs, result, (inputs, reference)) in enumerate(zip(requests, batch, references)):
             alone = generator.generate(**kwargs)
             for what, other in (("alone", alone.token_ids), ("generate", reference)):
-                outcome = compare_greedy(target.model, inputs, result.token_ids, other)
+                outcome = compare_greedy(target.model, inputs, result.token_ids, other, sampler=sampler_of(kwargs))
                 outcomes[outcome] += 1
                 if outcome == "different":
                     failures.append((family, name, tree.kind, index, what, result.token_ids, other))
@@ -84,23 +98,30 @@ def test_mixed_batch_equals_alone_and_model_generate(family_setup):
 
 
 def test_short_answer_rule_changes_no_output(family_setup):
-    """With the short-answer rule on (every greedy row's first step verifies its root alone and the drafter catches
-    up one step later) and rows that leave before any row has drafted, batched and single outputs still equal
-    `model.generate`, for every drafter type."""
+    """With the rule for answers about to end on (after one-word answers, a row's first step verifies its root
+    alone and the drafter catches up one step later) and rows that leave before any row has drafted, batched and
+    single outputs still equal `model.generate` (seeded rows: plain decoding), for every drafter type."""
     family, directory, target, requests, references = family_setup
     failures = []
     for name, drafter in drafters_of(target, directory).items():
         generator = Generator(target, drafter, TreeConfig("dynamic", depth=3, topk=2, total_tokens=6))
-        generator.budget.short_share = 1.0
+        one_word_answers(generator.budget)
         short = {**requests[0], "max_new_tokens": 2}              # leaves before any row has drafted
         batch = generator.generate_batch([short] + requests, max_batch=3)[1:]
-        generator.budget.short_share = 1.0                        # long answers above lowered it
+        one_word_answers(generator.budget)                        # long answers above changed it
         alone = generator.generate(**requests[0])
         assert alone.stats.tree_nodes_per_step[0] == 1 and not alone.stats.draft_forwards_per_step[0]
-        for index, (result, (inputs, reference)) in enumerate(zip(batch + [alone], references + references[:1])):
-            if compare_greedy(target.model, inputs, result.token_ids, reference) == "different":
+        for index, (kwargs, result, (inputs, reference)) in enumerate(zip(requests + requests[:1], batch + [alone],
+                                                                          references + references[:1])):
+            if compare_greedy(target.model, inputs, result.token_ids, reference,
+                              sampler=sampler_of(kwargs)) == "different":
                 failures.append((family, name, index, result.token_ids, reference))
     assert not failures, failures[:3]
+
+
+def one_word_answers(budget) -> None:
+    for _ in range(8):
+        budget.finished(2)
 
 
 def test_rows_join_mid_flight_and_batch_grows(family_setup):
@@ -135,18 +156,6 @@ def test_cancel_frees_the_row_and_leaves_others_unchanged(family_setup):
         victim.result()
     for handle, kwargs in zip(handles[1:], requests[1:4]):
         assert handle.result().token_ids == generator.generate(**kwargs).token_ids
-
-
-@pytest.mark.parametrize("drafter_name", ["none", "eagle", "prompt-lookup"])
-def test_seeded_sampling_in_a_batch_equals_alone(family_setup, drafter_name):
-    family, directory, target, requests, _ = family_setup
-    drafter = None if drafter_name == "none" else build_drafter(drafter_name, target, seed=1)
-    generator = Generator(target, drafter, TreeConfig("dynamic", depth=3, topk=3, total_tokens=8))
-    sampled = [{**kwargs, "temperature": 0.9, "top_p": 0.95, "seed": 100 + i} for i, kwargs in enumerate(requests)]
-    batch = generator.generate_batch(sampled, max_batch=3)
-    alone = [generator.generate(**kwargs) for kwargs in sampled]
-    mismatches = [i for i, (a, b) in enumerate(zip(batch, alone)) if a.token_ids != b.token_ids]
-    assert not mismatches, [(batch[i].token_ids, alone[i].token_ids) for i in mismatches]
 
 
 def test_sampled_distribution_at_batch_sixteen(tmp_path):

@@ -1,4 +1,4 @@
-"""The tree budget: which tree greedy rows draft under load, from measured throughput, and the short-answer rule."""
+"""The tree budget: which tree the rows draft under load, from measured throughput, and where answers end."""
 
 from __future__ import annotations
 
@@ -50,14 +50,32 @@ def test_buckets_learn_separately():
     assert max(rates[2], key=rates[2].get) == "dynamic/d6/k4/24" and max(rates[16], key=rates[16].get) == "none"
 
 
-def test_first_step_skips_drafting_only_while_answers_are_mostly_short():
+def test_drafting_stops_where_recent_answers_end():
     budget = TreeBudget(TREE)
-    assert budget.first_tree(TREE) == TREE
+    assert budget.continues(1) and budget.continues(50)          # nothing seen yet: draft
     for _ in range(2):
-        budget.finished(2)
-    assert budget.first_tree(TREE) is None
-    budget.finished(40)                                         # a long answer: draft from the first step again
-    assert budget.first_tree(TREE) == TREE
-    budget.finished(1)
+        budget.finished(2)                                       # one-word answers
+    assert not budget.continues(1)                               # a second token would be the last one
+    assert budget.continues(2)                                   # longer than any recent answer: draft
+    for _ in range(4):
+        budget.finished(4)
+    assert budget.continues(1) and budget.continues(2)           # at least two more tokens to come
+    assert not budget.continues(3)                               # the answer's last token: nothing to gain
+    budget.finished(40)                                          # one long answer among four-token ones
+    assert not budget.continues(3)                               # most answers still end at four
+    assert budget.continues(30)                                  # but one this long went on
     budget.finished(2)
-    assert budget.first_tree(TREE) is None
+    budget.finished(2)
+    assert not budget.continues(1)
+
+
+def test_older_answers_weigh_less():
+    budget = TreeBudget(TREE)
+    for _ in range(10):
+        budget.finished(30)
+    budget.finished(2)
+    assert budget.continues(1)                                   # one short answer does not turn it off
+    budget.finished(2)
+    budget.finished(2)
+    assert not budget.continues(1)                               # a run of them does
+    assert budget.continues(5)

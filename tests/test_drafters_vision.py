@@ -94,7 +94,7 @@ def full_batch(target: Target, drafter, images, prompt: str, answer: list[int]) 
 def first_step(target: Target, drafter, depth: int):
     """Prefill a two-image prompt and draft one greedy chain of `depth`: (images, prompt, prefill, first token,
     draft state, tree)."""
-    from vlmspec.verify import SamplingConfig
+    from vlmspec.verify import greedy_scores
 
     rng = random.Random(4)
     images = [random_image(rng), random_image(rng)]
@@ -103,7 +103,7 @@ def first_step(target: Target, drafter, depth: int):
     first = int(prefill.logits[0].argmax())
     state = drafter.begin(target, prefill, first)
     return images, prompt, prefill, first, state, drafter.propose(state, TreeConfig("chain", depth=depth),
-                                                                  SamplingConfig(), None)
+                                                                  greedy_scores)
 
 
 # ---------------------------------------------------------------------------------------------- decoding

@@ -36,7 +36,7 @@ from vlmspec.train.data import CollectedData
 from vlmspec.train.losses import LossConfig
 from vlmspec.train.trainer import TrainConfig, train
 from vlmspec.tree import TreeConfig
-from vlmspec.verify import SamplingConfig, verify_greedy
+from vlmspec.verify import greedy_scores, verify
 
 # Eagle3SpeculatorConfig's fields (speculators src/speculators/models/eagle3/config.py) and the keys vLLM's
 # update_eagle3 / SpeculatorsConfig.validate_speculators_config read (vllm .../configs/speculators/algos.py, base.py)
@@ -78,10 +78,10 @@ def drafted_trees(target, drafter, image, steps: int = 6) -> list[tuple[list[int
     draft_state = drafter.begin(target, prefill, token)
     trees = []
     for _ in range(steps):
-        tree = drafter.propose(draft_state, TREE, SamplingConfig(), None)
+        tree = drafter.propose(draft_state, TREE, greedy_scores)
         trees.append((tree.tokens[0].tolist(), tree.parents[0].tolist()))
         verified = target.verify(state, tree)
-        result = verify_greedy(tree, verified.logits)
+        result = verify(tree, verified.logits)
         path = result.accepted[0, : int(result.num_accepted[0]) + 1].tolist()
         target.commit(state, path)
         drafter.accept(draft_state, tree, path, verified, int(result.bonus[0]))

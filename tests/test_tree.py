@@ -94,7 +94,6 @@ def test_greedy_dynamic_literal():
     assert tree.tokens.tolist() == [[9, 0, 1, 2, 0]]
     assert tree.parents.tolist() == [[-1, 0, 0, 1, 2]]
     assert tree.num_nodes.tolist() == [5]
-    assert tree.draft_probs is None
 
 
 def test_dynamic_frontier_keeps_topk_of_newest_level():
@@ -152,24 +151,20 @@ def random_logprobs(seed: int, vocab: int, zero_prob: float = 0.0):
     return fn
 
 
-@pytest.mark.parametrize("sample", [False, True])
-def test_static_shape_does_not_depend_on_probabilities(sample):
+def test_static_shape_does_not_depend_on_probabilities():
     config = TreeConfig("static", depth=3, topk=3, total_tokens=10)
-    trees = [run_builder(TreeBuilder(config, 1, torch.Generator().manual_seed(s), sample), random_logprobs(s, 50))[0]
-             for s in (0, 1)]
+    trees = [run_builder(TreeBuilder(config, 1), random_logprobs(s, 50))[0] for s in (0, 1)]
     assert not torch.equal(trees[0].tokens, trees[1].tokens)
     assert torch.equal(trees[0].parents, trees[1].parents)
     assert trees[0].num_nodes.item() == 11
 
 
 @pytest.mark.parametrize("kind", ["chain", "static", "dynamic"])
-@pytest.mark.parametrize("sample", [False, True])
-def test_budget_respected(kind, sample):
+def test_budget_respected(kind):
     config = TreeConfig(kind, depth=4, topk=3, total_tokens=7)
-    tree, _ = run_builder(TreeBuilder(config, 1, torch.Generator().manual_seed(0), sample), random_logprobs(3, 20))
+    tree, _ = run_builder(TreeBuilder(config, 1), random_logprobs(3, 20))
     assert tree.num_nodes.item() == (config.depth if kind == "chain" else config.total_tokens) + 1
     assert tree.depths().max().item() <= config.depth
-    assert (tree.draft_probs is not None) == sample
 
 
 def token_paths(tree: Tree) -> dict[tuple, list[int]]:
@@ -190,35 +185,24 @@ def token_paths(tree: Tree) -> dict[tuple, list[int]]:
     vocab=st.integers(2, 8),
     seed=st.integers(0, 2**16),
 )
-def test_sampled_trees_keep_draw_order_prefixes(kind, depth, topk, total, vocab, seed):
+def test_trees_keep_top_k_prefixes(kind, depth, topk, total, vocab, seed):
     drafter = random_logprobs(seed, vocab, zero_prob=0.3)
 
     def build(total_tokens):
         config = TreeConfig(kind, depth=depth, topk=topk, total_tokens=total_tokens)
-        return run_builder(TreeBuilder(config, 0, torch.Generator().manual_seed(seed), sample=True), drafter)[0]
+        return run_builder(TreeBuilder(config, 0), drafter)[0]
 
-    tree, full = build(total), build(10_000)  # same draws; `full` is never pruned
+    tree, full = build(total), build(10_000)  # `full` is never pruned
     parents = tree.parents[0].tolist()
     assert all(parents[i] < i for i in range(1, len(parents)))
     assert tree.num_nodes.item() <= total + 1 or kind == "chain"
     full_children = token_paths(full)
     for path, children in token_paths(tree).items():
-        if kind != "static":  # a static tree's shape depends on `total`, so `full` draws differently
-            assert children == full_children[path][: len(children)]  # siblings: a prefix of draw order
-        assert len(set(children)) == len(children)  # drawn without replacement
+        if kind != "static":  # a static tree's shape depends on `total`
+            assert children == full_children[path][: len(children)]  # siblings: a prefix of top-k order
+        assert len(set(children)) == len(children)
         for token in children:
-            assert drafter(path)[token] > -math.inf  # probability-0 tokens are never drawn
-    has_children = tree.children_table()[0, :, 0] >= 0  # [N]
-    assert torch.allclose(tree.draft_probs[0, has_children].sum(-1), torch.tensor(1.0, dtype=torch.float64))
-
-
-def test_sampled_builder_repeats_with_seed():
-    config = TreeConfig("dynamic", depth=3, topk=3, total_tokens=8)
-    trees = [run_builder(TreeBuilder(config, 1, torch.Generator().manual_seed(5), True), random_logprobs(1, 30))[0]
-             for _ in range(2)]
-    assert torch.equal(trees[0].tokens, trees[1].tokens)
-    assert torch.equal(trees[0].parents, trees[1].parents)
-    assert torch.equal(trees[0].draft_probs, trees[1].draft_probs)
+            assert drafter(path)[token] > -math.inf  # tokens of score -inf are never chosen
 
 
 def test_tree_config_parse_and_dict():
@@ -242,22 +226,3 @@ def test_tree_config_validation():
         TreeConfig(depth=0)
     with pytest.raises(ValueError, match="unknown"):
         TreeConfig.from_dict({"kind": "chain", "width": 3})
-
-
-def test_sampled_sibling_kept_regardless_of_its_own_token():
-    """Whether the 3rd draw at the root is kept may depend on the earlier draws, never on its own token:
-    recursive rejection sampling needs that to stay lossless (see test_verify's bias test). Stub: root draft
-    q = (.45, .3, .15, .1), after any token the draft is nearly sure of token 0; the 3rd draw competes for the last
-    slot with the 2nd draw's first child. Ranking it by its own cum log-prob would make the outcome depend on it."""
-    root = torch.tensor([0.45, 0.3, 0.15, 0.1]).log()
-    after = torch.tensor([0.97, 0.01, 0.01, 0.01]).log()
-    config = TreeConfig("dynamic", depth=2, topk=3, total_tokens=4)
-    kept_by_earlier: dict[tuple[int, int], set[bool]] = {}
-    for seed in range(400):
-        builder = TreeBuilder(config, 0, torch.Generator().manual_seed(seed), sample=True)
-        builder.expand(root[None])
-        builder.expand(after.expand(len(builder.frontier()), 4))
-        x1, x2 = builder.token(1), builder.token(2)
-        kept_by_earlier.setdefault((x1, x2), set()).add(builder.build().children(0, 0) == [1, 2, 3])
-    assert {True, False} <= set().union(*kept_by_earlier.values())  # the shape does vary
-    assert all(len(kept) == 1 for kept in kept_by_earlier.values())

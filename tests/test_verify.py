@@ -10,7 +10,7 @@ from transformers.generation.logits_process import (
 )
 
 from vlmspec.tree import Tree, TreeBuilder, TreeConfig
-from vlmspec.verify import SamplingConfig, VerifyResult, target_probs, verify_greedy, verify_sampling, warp_logits
+from vlmspec.verify import Sampler, SamplingConfig, VerifyResult, target_probs, verify, warp_logits
 
 V = 32
 
@@ -44,14 +44,14 @@ def argmax_logits(n: int, best: dict[int, int], seed: int = 0) -> torch.Tensor:
     ],
 )
 def test_greedy_hand_built(best, accepted, bonus):
-    result = verify_greedy(hand_tree(), argmax_logits(6, best))
+    result = verify(hand_tree(), argmax_logits(6, best))
     assert result.accepted.tolist() == [accepted]
     assert result.num_accepted.tolist() == [sum(a > 0 for a in accepted)]
     assert result.bonus.tolist() == [bonus]
 
 
 def test_greedy_root_only():
-    result = verify_greedy(Tree.root_only(torch.tensor([4, 5])), torch.eye(V)[[3, 8]][:, None])
+    result = verify(Tree.root_only(torch.tensor([4, 5])), torch.eye(V)[[3, 8]][:, None])
     assert result.accepted.tolist() == [[0], [0]]
     assert result.num_accepted.tolist() == [0, 0]
     assert result.bonus.tolist() == [3, 8]
@@ -69,13 +69,13 @@ def test_greedy_batch_equals_each_alone(case):
              [{0: 11, 1: 13, 3: 15, 5: 7}, {0: 3}], [{}, {}]][case]
     alone = [argmax_logits(t.max_nodes, b, seed=case) for t, b in zip(trees, bests)]
     batch = torch.cat([alone[0], torch.cat([alone[1], torch.randn(1, 3, V)], dim=1)])  # [2, 6, V] padded
-    result = verify_greedy(Tree.stack(trees), batch)
+    result = verify(Tree.stack(trees), batch)
     for b, (tree, logits) in enumerate(zip(trees, alone)):
-        single = verify_greedy(tree, logits)
+        single = verify(tree, logits)
         assert result.accepted[b].tolist() == pad_path(single, result.accepted.shape[1])
         assert result.num_accepted[b] == single.num_accepted[0]
         assert result.bonus[b] == single.bonus[0]
-    assert result.emitted(Tree.stack(trees), 0) == VerifyResult.emitted(verify_greedy(trees[0], alone[0]), trees[0], 0)
+    assert result.emitted(Tree.stack(trees), 0) == VerifyResult.emitted(verify(trees[0], alone[0]), trees[0], 0)
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [
@@ -104,20 +104,19 @@ def test_sampling_config_rejects(kwargs):
 
 
 # --- distribution tests -----------------------------------------------------------------------------------------
-# A stub drafter and target over a vocabulary of 6: the root gets 3 children drawn without replacement from the
-# draft (Gumbel-top-3), the first child gets one child. Nodes: 0 root, 1-3 root children in draw order, 4 under 1.
-# With N samples, the empirical distribution's expected TV distance from the truth is
-# 0.5 * sum_v sqrt(p_v (1 - p_v) / N) <= 0.5 * sqrt(SMALL_V / N) (Cauchy-Schwarz); TV moves by at most 1/N per
-# sample, so (McDiarmid) exceeding that by t has probability <= exp(-2 N t^2). The bound 3 * 0.5 * sqrt(V / N)
-# (t = 2x the expectation) fails by chance with probability <= exp(-4 V) < 1e-10 for V = 6; runs are seeded anyway.
+# A stub drafter and target over a vocabulary of 6. With N samples, the empirical distribution's expected TV
+# distance from the truth is 0.5 * sum_v sqrt(p_v (1 - p_v) / N) <= 0.5 * sqrt(SMALL_V / N) (Cauchy-Schwarz); TV
+# moves by at most 1/N per sample, so (McDiarmid) exceeding that by t has probability <= exp(-2 N t^2). The bound
+# 3 * 0.5 * sqrt(V / N) (t = 2x the expectation) fails by chance with probability <= exp(-4 V) < 1e-10 for V = 6;
+# runs are seeded anyway.
 SMALL_V = 6
 NUM_SAMPLES = 20_000
 GEN = torch.Generator().manual_seed(1234)
 TARGET_ROOT = torch.tensor([2.0, 1.2, 0.8, 0.0, -0.5, -1.0])  # [V]
 TARGET_NEXT = 1.5 * torch.randn(SMALL_V, SMALL_V, generator=GEN)  # [V, V] target logits after token x: row x
-DRAFT_ROOT = torch.tensor([0.05, 0.1, 0.15, 0.2, 0.2, 0.3])  # [V] unlike the target on purpose
-DRAFT_NEXT = torch.softmax(torch.randn(SMALL_V, SMALL_V, generator=GEN), -1)  # [V, V] draft after token x: row x
-DRAFT_TOP = torch.tensor([0.3, 0.05, 0.25, 0.1, 0.2, 0.1])  # [V] a greedy drafter's root children: tokens 0, 2, 4
+DRAFT_ROOT = torch.tensor([0.25, 0.1, 0.05, 0.2, 0.1, 0.3]).log()  # [V] unlike the target on purpose
+DRAFT_NEXT = torch.randn(SMALL_V, SMALL_V, generator=GEN)  # [V, V] draft logits after token x: row x
+CONFIGS = [SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.7, top_k=3), SamplingConfig(1.0, top_p=0.8)]
 
 
 def tv_bound(n: int) -> float:
@@ -129,165 +128,99 @@ def tv(samples: torch.Tensor, probs: torch.Tensor) -> float:
     return 0.5 * (empirical - probs.double()).abs().sum().item()
 
 
-def sampled_trees(n: int, draft_root: torch.Tensor, gen: torch.Generator, deterministic: bool = False):
-    """n stub trees [n, 5] and their target logits [n, 5, V]."""
-    gumbel = -torch.log(-torch.log(torch.rand(n, SMALL_V, generator=gen)))  # [n, V]
-    keys = draft_root.log() if deterministic else draft_root.log() + gumbel  # [n, V] or [V]
-    first3 = keys.expand(n, SMALL_V).topk(3, dim=-1).indices  # [n, 3] draw order
-    x1 = first3[:, 0]  # [n]
-    x4 = torch.multinomial(DRAFT_NEXT[x1], 1, generator=gen)[:, 0]  # [n]
-    tokens = torch.cat([torch.zeros(n, 1, dtype=torch.long), first3, x4[:, None]], dim=1)  # [n, 5]
-    draft_probs = torch.zeros(n, 5, SMALL_V, dtype=torch.float64)  # [n, 5, V]
-    draft_probs[:, 0] = draft_root
-    draft_probs[:, 1] = DRAFT_NEXT[x1]
-    tree = Tree(tokens, torch.tensor([-1, 0, 0, 0, 1]).expand(n, 5), torch.full((n,), 5),
-                None if deterministic else draft_probs)
-    target_logits = TARGET_NEXT[tokens]  # [n, 5, V]
-    target_logits[:, 0] = TARGET_ROOT
-    return tree, target_logits
+def stub_step(sampler: Sampler, config: TreeConfig, leaves=()) -> tuple[list[int], int]:
+    """One speculative step of the stub at the start of an answer: the drafter builds its tree with the request's
+    child scores, the target verifies it with its scores. Returns the emitted tokens and the accepted count."""
+    builder = TreeBuilder(config, 0, leaves=leaves)
+    while frontier := builder.frontier():
+        logits = torch.stack([DRAFT_ROOT if n == 0 else DRAFT_NEXT[builder.token(n)] for n in frontier])  # [F, V]
+        builder.expand(sampler.scores(logits, [builder.depth(frontier[0])] * len(frontier)))
+    tree = builder.build()
+    logits = TARGET_NEXT[tree.tokens[0]]  # [N, V]
+    logits[0] = TARGET_ROOT
+    result = verify(tree, sampler.scores(logits, tree.depths()[0].tolist())[None])
+    return result.emitted(tree, 0), int(result.num_accepted[0])
 
 
-def first_two_emitted(tree: Tree, result: VerifyResult):
-    """First emitted token [n]; and the second [n] where the first was an accepted draft (else -1)."""
-    batch = torch.arange(tree.batch_size)
-    num = result.num_accepted
-    first = torch.where(num >= 1, tree.tokens[batch, result.accepted[:, 1].clamp(min=0)], result.bonus)  # [n]
-    second_node = result.accepted[:, 2] if result.accepted.shape[1] > 2 else torch.zeros_like(num)  # [n]
-    second = torch.where(num >= 2, tree.tokens[batch, second_node.clamp(min=0)], result.bonus)  # [n]
-    return first, torch.where(num >= 1, second, -1)
+def plain_tokens(sampler: Sampler, count: int = 2) -> list[int]:
+    """The stub target decoding alone with the same sampler: one token per position."""
+    tokens = [int(sampler.scores(TARGET_ROOT[None], [0])[0].argmax())]
+    while len(tokens) < count:
+        tokens.append(int(sampler.scores(TARGET_NEXT[tokens[-1]][None], [len(tokens)])[0].argmax()))
+    return tokens
 
 
-CONFIGS = [SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.7, top_k=3), SamplingConfig(1.0, top_p=0.8)]
+def test_sampler_draws_exact_samples():
+    for cfg in CONFIGS:
+        first = torch.tensor([int(Sampler(cfg, seed).scores(TARGET_ROOT[None], [0])[0].argmax())
+                              for seed in range(NUM_SAMPLES // 2)])
+        assert tv(first, target_probs(TARGET_ROOT, cfg)) < tv_bound(NUM_SAMPLES // 2), cfg
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_sampling_is_lossless(cfg, deterministic):
-    gen = torch.Generator().manual_seed(0)
-    tree, logits = sampled_trees(NUM_SAMPLES, DRAFT_TOP if deterministic else DRAFT_ROOT, gen, deterministic)
-    result = verify_sampling(tree, logits, cfg, gen)
-    first, second = first_two_emitted(tree, result)
-    assert tv(first, target_probs(TARGET_ROOT, cfg)) < tv_bound(NUM_SAMPLES)
-    # the second token, given that node 1 (which has a child) was accepted with token `a`
-    node1_accepted = result.accepted[:, 1] == 1  # [n]
-    a = tree.tokens[node1_accepted, 1].mode().values.item()
-    rows = node1_accepted & (tree.tokens[:, 1] == a)  # [n]
-    assert rows.sum() > 1000
-    assert tv(second[rows], target_probs(TARGET_NEXT[a], cfg)) < tv_bound(int(rows.sum()))
-    assert 0 < result.num_accepted.float().mean() < 2  # some accepted, some rejected
+@pytest.mark.parametrize("config, leaves", [
+    (TreeConfig("dynamic", depth=2, topk=3, total_tokens=4), ()),
+    (TreeConfig("dynamic", depth=3, topk=3, total_tokens=8, min_prob=0.12), {2}),   # cut at a stand-in EOS
+    (TreeConfig("chain", depth=3), ()),
+])
+def test_speculative_sampling_is_the_target_sampling(cfg, config, leaves):
+    """Whatever the tree, each seed's emitted tokens are exactly what the target alone samples with that seed, and
+    so the first two follow the target's distribution; the drafts are both accepted and rejected."""
+    n = 1500
+    first, second, accepted = [], [], []
+    for seed in range(n):
+        emitted, num_accepted = stub_step(Sampler(cfg, seed), config, leaves)
+        expected = plain_tokens(Sampler(cfg, seed), len(emitted))
+        assert emitted == expected, seed
+        first.append(emitted[0])
+        second.append(expected[1] if len(expected) > 1 else plain_tokens(Sampler(cfg, seed))[1])
+        accepted.append(num_accepted)
+    first, second = torch.tensor(first), torch.tensor(second)
+    assert tv(first, target_probs(TARGET_ROOT, cfg)) < tv_bound(n)
+    for a in range(SMALL_V):
+        rows = first == a
+        if rows.sum() > 300:
+            assert tv(second[rows], target_probs(TARGET_NEXT[a], cfg)) < tv_bound(int(rows.sum())), a
+    assert 0 in accepted and max(accepted) >= 1
 
 
-def wrong_verify_without_residual(tree: Tree, target_logits: torch.Tensor, cfg, gen) -> torch.Tensor:
-    """A broken verifier: tries only the first child, and after rejecting it samples the bonus from p itself
-    instead of the residual normalize(max(p - q, 0)). Returns the first emitted token [n]."""
-    p = target_probs(target_logits[:, 0], cfg)  # [n, V]
-    q = tree.draft_probs[:, 0]  # [n, V]
-    x = tree.tokens[:, 1]  # [n]
-    batch = torch.arange(len(x))
-    accept = torch.rand(len(x), generator=gen, dtype=torch.float64) * q[batch, x] < p[batch, x]  # [n]
-    return torch.where(accept, x, torch.multinomial(p, 1, generator=gen)[:, 0])
+class OneNoiseSampler(Sampler):
+    """A broken sampler: the same Gumbel noise at every position, so a token's noise is not independent of the
+    tokens before it."""
+
+    def noise(self, position, vocab, device):
+        return super().noise(0, vocab, device)
 
 
 def test_distribution_test_can_fail():
-    gen = torch.Generator().manual_seed(0)
     cfg = CONFIGS[0]
-    tree, logits = sampled_trees(NUM_SAMPLES, DRAFT_ROOT, gen)
-    assert tv(wrong_verify_without_residual(tree, logits, cfg, gen), target_probs(TARGET_ROOT, cfg)) > 3 * tv_bound(
-        NUM_SAMPLES)
+    tokens = torch.tensor([plain_tokens(OneNoiseSampler(cfg, seed)) for seed in range(NUM_SAMPLES)])  # [n, 2]
+    distances = [tv(tokens[tokens[:, 0] == a, 1], target_probs(TARGET_NEXT[a], cfg)) for a in range(3)]
+    assert max(distances) > 3 * tv_bound(int((tokens[:, 0] == 2).sum()))
+
+
+def test_sampler_repeats_with_seed_and_varies_by_position():
+    cfg = CONFIGS[1]
+    logits = TARGET_NEXT[:3]  # [3, V]
+    a, b = Sampler(cfg, 7).scores(logits, [0, 1, 2]), Sampler(cfg, 7).scores(logits, [0, 1, 2])
+    assert torch.equal(a, b)
+    noise = [Sampler(cfg, 7).noise(n, 1000, torch.device("cpu")) for n in (0, 1)]
+    assert not torch.equal(noise[0], noise[1])
+    assert Sampler(cfg).seed != Sampler(cfg).seed                       # no seed: a random one
+    greedy = Sampler(SamplingConfig(), 7)
+    assert greedy.scores(logits, [0, 1, 2]) is logits
 
 
 def test_draft_equal_to_target_is_always_accepted():
+    """A drafter with the target's own logits, perturbed with the same noise, guesses every sample."""
     cfg = SamplingConfig(temperature=0.7, top_k=4)
-    gen = torch.Generator().manual_seed(0)
-    tree, logits = sampled_trees(2000, target_probs(TARGET_ROOT, cfg), gen)
-    result = verify_sampling(tree, logits, cfg, gen)
-    assert (result.num_accepted >= 1).all()
-    assert (result.accepted[:, 1] == 1).all()  # the first draw is accepted
-
-
-def builder_trees(n: int, config: TreeConfig, gen: torch.Generator, leaves=()):
-    """n trees sampled by TreeBuilder from the stub drafter (pruned, so of different shapes), stacked, and their
-    target logits [n, N, V]: after the root TARGET_ROOT, after any other node with token x TARGET_NEXT[x]."""
-    trees = []
-    for _ in range(n):
-        builder = TreeBuilder(config, 0, gen, sample=True, leaves=leaves)
+    for seed in range(200):
+        sampler = Sampler(cfg, seed)
+        builder = TreeBuilder(TreeConfig("chain", depth=3), 0)
         while frontier := builder.frontier():
-            tokens = torch.tensor([builder.token(i) for i in frontier])  # [F]
-            draft = torch.stack([DRAFT_ROOT if i == 0 else DRAFT_NEXT[x] for i, x in zip(frontier, tokens)])
-            builder.expand(draft.log())  # [F, V]
-        trees.append(builder.build())
-    tree = Tree.stack(trees)
-    target_logits = TARGET_NEXT[tree.tokens]  # [n, N, V]
-    target_logits[:, 0] = TARGET_ROOT
-    return tree, target_logits
-
-
-def test_builder_trees_are_lossless():
-    """End to end with TreeBuilder's dynamic sampled trees, whose kept siblings vary with the draws."""
-    n, cfg = 3000, CONFIGS[2]
-    gen = torch.Generator().manual_seed(0)
-    tree, logits = builder_trees(n, TreeConfig("dynamic", depth=2, topk=3, total_tokens=4), gen)
-    assert len(set(tree.num_nodes.tolist())) == 1 and len(set(map(tuple, tree.parents.tolist()))) > 1
-    first, _ = first_two_emitted(tree, verify_sampling(tree, logits, cfg, gen))
-    assert tv(first, target_probs(TARGET_ROOT, cfg)) < tv_bound(n)
-
-
-def test_trees_cut_at_leaves_and_min_prob_are_lossless():
-    """Nodes of token 2 (a stand-in EOS) and nodes ranked under min_prob get no children, so whether a node has
-    children depends on its own token and draws: the first two emitted tokens still follow the target."""
-    n, cfg = 6000, CONFIGS[0]
-    gen = torch.Generator().manual_seed(3)
-    tree, logits = builder_trees(n, TreeConfig("dynamic", depth=3, topk=3, total_tokens=8, min_prob=0.12), gen,
-                                 leaves={2})
-    assert len(set(tree.num_nodes.tolist())) > 1                       # the cuts change the tree's size
-    first, second = first_two_emitted(tree, verify_sampling(tree, logits, cfg, gen))
-    assert tv(first, target_probs(TARGET_ROOT, cfg)) < tv_bound(n)
-    for a in range(SMALL_V):
-        rows = (first == a) & (second >= 0)
-        if rows.sum() > 500:
-            assert tv(second[rows], target_probs(TARGET_NEXT[a], cfg)) < tv_bound(int(rows.sum())), a
-
-
-def test_sampling_repeats_with_seed():
-    tree, logits = sampled_trees(500, DRAFT_ROOT, torch.Generator().manual_seed(0))
-    cfg = CONFIGS[1]
-    results = [verify_sampling(tree, logits, cfg, torch.Generator().manual_seed(7)) for _ in range(2)]
-    for name in ("accepted", "num_accepted", "bonus"):
-        assert torch.equal(getattr(results[0], name), getattr(results[1], name))
-
-
-def test_sampling_rejects_greedy_config():
-    tree, logits = sampled_trees(2, DRAFT_ROOT, torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="greedy"):
-        verify_sampling(tree, logits, SamplingConfig(), torch.Generator())
-
-
-@pytest.mark.parametrize("rule", ["earlier_draws", "own_token"])
-def test_keeping_a_draw_by_its_own_token_is_biased(rule):
-    """Why TreeBuilder ranks a sampled child by its earlier siblings only. The root draws x1, x2 from q; x1's
-    child g is token 0; the tree keeps x1 and then either x2 or g. Deciding by x2's own cum log-prob
-    (min(l1, l2) >= l1 + log q(g)), as ranking by plain cum would, makes the first emitted token miss the target
-    by TV ~ 0.012; deciding from earlier draws only (here: q(x1) < 0.35) keeps verification exact."""
-    n, vocab = 200_000, 4
-    gen = torch.Generator().manual_seed(0)
-    draft = torch.tensor([0.45, 0.3, 0.15, 0.1], dtype=torch.float64)  # [4]
-    target = torch.tensor([0.05, 0.05, 0.45, 0.45])  # [4]
-    gumbel = -torch.log(-torch.log(torch.rand(n, vocab, generator=gen, dtype=torch.float64)))  # [n, 4]
-    x1, x2 = (draft.log() + gumbel).topk(2, dim=-1).indices.unbind(-1)  # [n], [n]
-    l1, l2 = draft.log()[x1], draft.log()[x2]  # [n], [n]
-    if rule == "own_token":
-        keep_x2 = torch.minimum(l1, l2) >= l1 + math.log(0.97)  # [n]
-    else:
-        keep_x2 = l1 < math.log(0.35)  # [n]
-    tokens = torch.stack([torch.zeros_like(x1), x1, torch.where(keep_x2, x2, 0)], dim=1)  # [n, 3]
-    parents = torch.stack([torch.full_like(x1, -1), torch.zeros_like(x1), torch.where(keep_x2, 0, 1)], dim=1)
-    draft_probs = torch.zeros(n, 3, vocab, dtype=torch.float64)  # [n, 3, 4]
-    draft_probs[:, 0] = draft
-    draft_probs[:, 1] = torch.tensor([0.97, 0.01, 0.01, 0.01])
-    logits = torch.zeros(n, 3, vocab)  # [n, 3, 4] only the root's row matters for the first token
-    logits[:, 0] = target.log()
-    tree = Tree(tokens, parents, torch.full((n,), 3), draft_probs)
-    first, _ = first_two_emitted(tree, verify_sampling(tree, logits, SamplingConfig(1.0), gen))
-    empirical = torch.bincount(first, minlength=vocab).double() / n  # [4]
-    distance = 0.5 * (empirical - target.double()).abs().sum().item()
-    assert (distance < 3 * 0.5 * math.sqrt(vocab / n)) == (rule == "earlier_draws")
+            logits = TARGET_ROOT if frontier[0] == 0 else TARGET_NEXT[builder.token(frontier[0])]
+            builder.expand(sampler.scores(logits[None], [builder.depth(frontier[0])]))
+        tree = builder.build()
+        logits = TARGET_NEXT[tree.tokens[0]]
+        logits[0] = TARGET_ROOT
+        assert verify(tree, sampler.scores(logits, tree.depths()[0].tolist())[None]).num_accepted.item() == 3

@@ -1,38 +1,39 @@
-"""The per-step tree budget under load: which tree the greedy rows of a batch draft, chosen from measured throughput.
+"""The per-step tree budget under load: which tree the rows of a batch draft, chosen from measured throughput.
 
 A batched step costs one target forward over every row's tree; c(k) grows with the total node count, so a tree that
 pays at batch 1 can lose at batch 16. The budget tries three arms per batch-size bucket — the configured tree, a
-smaller tree (half the depth and nodes), and no drafting at all (each greedy row verifies its root alone: plain
+smaller tree (half the depth and nodes), and no drafting at all (each row verifies its root alone: plain
 decoding) — and keeps, for each, an exponential moving average of the tokens per second that steps with that arm
 delivered (tokens emitted by all rows ÷ the step's wall time, drafting included). After a few steps of each, it
 runs the best arm and re-tries the others every `explore_every` steps, so a change of acceptance or load is
 noticed. The schedule is deterministic given the measurements.
 
-Short answers. A row's first step also pays the drafter's catch-up over the whole prompt, which a one-word answer
-(a word and EOS: two tokens, the first from the prefill) never earns back. The budget keeps a moving share of the
-answers it saw that finished within two tokens; while that share is over one half, a greedy row's first step does
-not draft (`first_tree` is None: the row verifies its root alone, as plain decoding does) and the catch-up waits
-for the second step, which a one-word answer never reaches. A long answer loses only its first step's speculation.
-(Measured on the testbed, flash, fp32, `scripts/short_answer_rule.py`: skipping takes the two-token suites from
-0.62–0.66× to 1.10–1.12× plain, a depth-2 chain instead keeps them at 0.60–0.70×, and on four-token and longer
-answers skipping costs 10–40 %, hence the share; docs/engine.md.)
+Answers about to end. A step can only gain from drafting if the answer goes on for at least two more tokens (one
+token is what the step emits anyway), and a row's first drafting step also pays the drafter's catch-up over the
+whole prompt. The budget remembers the lengths of recent answers (newer ones weigh more) and a row that has emitted
+m tokens drafts only while at least half of the recent answers that reached m + 1 tokens reached m + 2
+(`continues`); else it verifies its root alone, as plain decoding does. So a one-word answer (a word and EOS: two
+tokens, the first from the prefill) never drafts and never pays the catch-up, a suite of three-token answers
+drafts nowhere, and an answer of a length seen before skips drafting at its last step; an answer longer than any
+recent one always drafts. (Measured on the testbed, flash, fp32, `scripts/short_answer_rule.py`: not drafting at
+the first step takes the two-token suites from 0.62–0.66× to 1.10–1.12× plain, a depth-2 chain instead keeps them
+at 0.60–0.70×, and on four-token and longer answers skipping it costs 10–40 %, hence the lengths; docs/engine.md.)
 
-Only greedy rows follow the budget: a greedy row's output does not depend on its tree (lossless either way), while
-a sampled row's random draws do, so sampled rows always draft the configured tree and a seeded request gets the
-same tokens whatever else runs beside it.
+Every row follows the budget, greedy or sampled: a row's tokens never depend on its tree (`verify.Sampler`: a
+sampled row's noise is fixed by its seed per answer position), so the budget changes speed, never output.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
+from collections import defaultdict, deque
 
 from vlmspec.tree import TreeConfig
 
 WARMUP = 2             # steps of each arm before exploiting
 SMOOTHING = 0.3        # weight of the newest measurement in the moving average
-SHORT_ANSWER = 2       # tokens: an answer this short ends at its first step, drafting or not
-SHORT_SMOOTHING = 0.5  # weight of the newest answer in the short-answer share (two short answers turn it on)
+LENGTH_DECAY = 0.6     # weight of an answer length per newer answer since (two short answers outweigh the past)
+LENGTH_MEMORY = 32     # answer lengths remembered
 
 
 def smaller_tree(tree: TreeConfig) -> TreeConfig:
@@ -57,17 +58,21 @@ class TreeBudget:
         self._rate: dict[tuple[int, int], float] = {}                 # (bucket, arm) → tokens/s
         self._count: dict[tuple[int, int], int] = defaultdict(int)
         self._steps: dict[int, int] = defaultdict(int)
-        self.short_share = 0.0                                       # moving share of answers <= SHORT_ANSWER
+        self.lengths: deque[int] = deque(maxlen=LENGTH_MEMORY)     # recent answer lengths, newest first
 
     def finished(self, new_tokens: int) -> None:
         """Record the length of a finished answer."""
-        short = float(new_tokens <= SHORT_ANSWER)
-        self.short_share = (1 - SHORT_SMOOTHING) * self.short_share + SHORT_SMOOTHING * short
+        self.lengths.appendleft(new_tokens)
 
-    def first_tree(self, tree: TreeConfig | None) -> TreeConfig | None:
-        """The tree of a greedy row's first step: None (no drafting) while recent answers were mostly short, else
-        `tree`."""
-        return None if self.short_share > 0.5 else tree
+    def continues(self, emitted: int) -> bool:
+        """Whether an unfinished answer of `emitted` tokens is worth drafting for: the recent answers that reached
+        emitted + 1 tokens mostly reached emitted + 2 (weights LENGTH_DECAY^age); True when none reached it."""
+        reached = longer = 0.0
+        for age, length in enumerate(self.lengths):
+            weight = LENGTH_DECAY ** age
+            reached += weight * (length >= emitted + 1)
+            longer += weight * (length >= emitted + 2)
+        return reached == 0 or longer >= 0.5 * reached
 
     def choose(self, batch: int) -> int:
         """The arm index for the next step at this batch size."""

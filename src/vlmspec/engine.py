@@ -2,25 +2,28 @@
 every tree is just its root.
 
 One engine step, over the B running requests (rows):
-    draft_batch.propose → each row's tree (its own tree, sampling settings and random generator; the feature
-                          drafters run each draft level for all rows in one forward)
+    draft_batch.propose → each row's tree (its own tree and choice rule; the feature drafters run each draft level
+                          for all rows in one forward)
     target.verify(all rows' trees, stacked)             one target forward
-    for each row: verify_greedy / verify_sampling        the row's own settings and generator
+    for each row: verify(tree, the row's scores)         its own settings and seed (`Sampler`)
     target.commit_rows                                    in-place gather of each row's accepted path
     for each row: emit (EOS / stop / budget) → drafter.accept → stats
 Between steps the scheduler retires finished or cancelled rows (their cache rows are freed by packing) and
 admits waiting requests (continuous batching): an admitted request is prefilled alone (vision once, the model's
 own causal mask), emits its first token, and joins the batch as a new cache row.
 
-Why each row stays lossless: a row's tokens are chosen only from its own logits, with its own settings and its
-own `torch.Generator`, by the same verification functions as alone; the batched forward gives each row exactly
-its own attention (its prefix and its tree's ancestors, through the 4D mask) at its own positions. Drafting only
-shapes the tree. So a request's output is the same in a batch as alone, up to floating-point rounding of the
-batched forward, which can flip a near-tie (docs/engine.md).
+Why each row stays lossless: a row's tokens are chosen only from its own logits, by its own `Sampler` (argmax, or
+argmax of warped logits plus the Gumbel noise its seed fixes per answer position), whatever was drafted; the
+batched forward gives each row exactly its own attention (its prefix and its tree's ancestors, through the 4D
+mask) at its own positions. Drafting only shapes the tree. So a request's output is the same in a batch as alone,
+and the same with any drafter or tree as plain decoding, greedy or seeded, up to floating-point rounding of the
+target's forward, which can flip a near-tie (docs/engine.md). That is also why the tree may change from step to
+step with load and answer length (`TreeBudget`) without changing any output.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -40,7 +43,7 @@ from vlmspec.request import (Chunk, GenerationResult, GenerationStats, Request, 
 from vlmspec.target import NodesOutput, Target
 from vlmspec.target.base import TargetState
 from vlmspec.tree import Tree, TreeConfig
-from vlmspec.verify import SamplingConfig, target_probs, verify_greedy, verify_sampling
+from vlmspec.verify import SamplingConfig, verify
 
 
 log = logging.getLogger(__name__)
@@ -54,8 +57,8 @@ class Engine:
 
     def __init__(self, target: Target, drafter: Drafter | None = None, tree: TreeConfig | None = None,
                  max_batch: int = 16, budget: TreeBudget | None | bool = True):
-        """`budget`: the per-step tree choice for greedy rows at batch >= 2 and their first step
-        (`budget.TreeBudget`); True: a new one, False/None: always the configured tree."""
+        """`budget`: the per-step tree choice at batch >= 2 and for a request's first step (`budget.TreeBudget`);
+        True: a new one, False/None: always the configured tree."""
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.target = target
@@ -219,7 +222,7 @@ class Engine:
         start = time.perf_counter()
         room = request.max_new_tokens + self.tree.total_tokens + self.tree.depth + 1   # the answer and a tree
         _, prefill = target.prefill(request.inputs, into=self.state, room=room)
-        token = choose_token(prefill.logits[0], request.sampling, request.generator)
+        token = int(request.target_scores(prefill.logits[0][None], [0])[0].argmax())
         if drafter is not None:
             request.draft_state = drafter.begin(target, prefill, token)
         request.root_token = token
@@ -234,7 +237,7 @@ class Engine:
         request.stats.prefill_seconds = request.stats.seconds = time.perf_counter() - start
         if request.finish_reason is not None:
             request.finish(target.tokenizer)
-            if self.budget is not None and request.sampling.greedy:
+            if self.budget is not None:
                 self.budget.finished(len(request.token_ids))
 
     def _retire(self, cancelled_only: bool = False) -> None:
@@ -250,7 +253,7 @@ class Engine:
             self.running[row] = self.running[-1]
             self.running.pop()
             request.finish(self.target.tokenizer, "cancelled" if cancelled else None)
-            if self.budget is not None and not cancelled and request.sampling.greedy:
+            if self.budget is not None and not cancelled:
                 self.budget.finished(len(request.token_ids))
 
     # ------------------------------------------------------------------ the step
@@ -258,14 +261,12 @@ class Engine:
         target, drafter, rows = self.target, self.drafter, self.running
         start = time.perf_counter()
         arm = self.budget.choose(len(rows)) if self.budget is not None and len(rows) > 1 else None
-        greedy_tree = self.tree if arm is None else self.budget.arms[arm]
+        tree_config = self.tree if arm is None else self.budget.arms[arm]
         forwards_before = [getattr(request.draft_state, "forwards", 0) for request in rows]
         drafted: list[Tree | None] = [None] * len(rows)
         if drafter is not None:
-            first_tree = self.budget.first_tree(greedy_tree) if self.budget is not None else greedy_tree
-            configs = [self.tree if not request.sampling.greedy else
-                       greedy_tree if request.stats.accepted_per_step else first_tree for request in rows]
-            drafted = self.draft_batch.propose(configs, [r.sampling for r in rows], [r.generator for r in rows])
+            configs = [self._row_tree(request, tree_config) for request in rows]
+            drafted = self.draft_batch.propose(configs, [request.child_scores for request in rows])
         trees = [tree if tree is not None else Tree.root_only(torch.tensor([request.root_token], device=target.device))
                  for tree, request in zip(drafted, rows)]
         draft_seconds = time.perf_counter() - start
@@ -274,11 +275,8 @@ class Engine:
         verified = target.verify(self.state, stacked)
         results = []
         for row, (request, tree) in enumerate(zip(rows, trees)):
-            logits = verified.logits[row: row + 1, : tree.max_nodes]                 # [1, n, V]
-            if request.sampling.greedy:
-                results.append(verify_greedy(tree, logits))
-            else:
-                results.append(verify_sampling(tree, logits, request.sampling, request.generator))
+            scores = request.target_scores(verified.logits[row, : tree.max_nodes], tree.depths()[0])
+            results.append(verify(tree, scores[None]))                              # scores: [1, n, V]
         target.commit_rows(self.state, [result.path(0) for result in results])
         verify_seconds = time.perf_counter() - verify_start
         step_tokens = 0
@@ -307,6 +305,17 @@ class Engine:
             request.stats.seconds += elapsed
         if arm is not None:
             self.budget.record(len(rows), arm, step_tokens, elapsed)
+
+
+    def _row_tree(self, request: Request, tree: TreeConfig | None) -> TreeConfig | None:
+        """A row's tree this step: none where drafting cannot win (fewer than two tokens left to the budget, or
+        recent answers say this one is about to end: `TreeBudget.continues`), else `tree` no deeper than the
+        tokens left."""
+        emitted = len(request.token_ids)
+        left = request.max_new_tokens - emitted
+        if tree is None or left < 2 or (self.budget is not None and not self.budget.continues(emitted)):
+            return None
+        return tree if tree.depth < left else dataclasses.replace(tree, depth=left - 1)
 
 
 def row_view(verified: NodesOutput, row: int, nodes: int) -> NodesOutput:
@@ -366,14 +375,6 @@ class Generator:
             except (TypeError, ValueError) as error:
                 raise ValueError(f"request {index}: {error}") from None
         return engine.run(handles)
-
-
-def choose_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator) -> int:
-    """The target's own choice from logits [V]: argmax, or an exact sample of the warped distribution."""
-    if sampling.greedy:
-        return int(logits.argmax())
-    probs = target_probs(logits.double(), sampling)                           # [V]
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def check_max_new_tokens(max_new_tokens: int) -> None:

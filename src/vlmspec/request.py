@@ -1,4 +1,4 @@
-"""One request of the batched engine: its settings, its own random generator, its output so far and its stream.
+"""One request of the batched engine: its settings, its own choice rule (`Sampler`), its output so far and its stream.
 
 A `Request` is both the engine's per-row record (what the scheduler reads and writes between steps) and the
 caller's handle (`stream`, `events`, `result`, their async forms). The engine puts a `Chunk` on the request's
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Sequence
 
 import torch
 
-from vlmspec.verify import SamplingConfig
+from vlmspec.verify import Sampler, SamplingConfig
 
 if TYPE_CHECKING:
     from vlmspec.engine import Engine
@@ -111,12 +111,8 @@ class Request:
         self.prompt_tokens = int(inputs["input_ids"].shape[1])
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
+        self.sampler = Sampler(sampling, seed)
         self.stop = tuple(stop)
-        self.generator = torch.Generator(device=engine.target.device)
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
         self.token_ids: list[int] = []
         self.stats = GenerationStats(prompt_tokens=self.prompt_tokens)
         self.finish_reason: str | None = None
@@ -133,6 +129,17 @@ class Request:
         self._result: GenerationResult | None = None
 
     # ------------------------------------------------------------------ engine side
+    def child_scores(self, logits: torch.Tensor, depth: int) -> torch.Tensor:
+        """What the children of tree nodes at `depth` are chosen by (`ChildScores`): they are answer position
+        len(token_ids) + depth (the root, depth 0, is the last emitted token)."""
+        return self.target_scores(logits, [depth] * logits.shape[0])
+
+    def target_scores(self, logits: torch.Tensor, depths: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """The target's logits [n, V] after nodes of these tree depths → what the request chooses by."""
+        if self.sampling.greedy:
+            return logits
+        return self.sampler.scores(logits, [len(self.token_ids) + int(depth) for depth in depths])
+
     def emit(self, tokens: list[int], sources: list[int], eos: set[int], tokenizer: Any) -> None:
         """Append tokens up to an EOS, a stop string or the budget (setting `finish_reason`), and publish them."""
         taken = 0

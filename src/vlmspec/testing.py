@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from vlmspec.verify import Sampler
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>", "<fake_token_around_image>", "<global-img>",
                   "<end_of_utterance>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
 
@@ -219,10 +221,11 @@ def random_image(generator: random.Random, min_side: int = 16, max_side: int = 6
 
 
 @torch.no_grad()
-def compare_greedy(model, inputs: dict, ours: list[int], reference: list[int], margin: float = 1e-4) -> str:
-    """Classify an fp32 greedy comparison as DESIGN defines it: 'equal'; 'near-tie' when the first differing
-    position has a top-2 logit margin under `margin` (a k-token vs 1-token rounding flip is excused); else
-    'different'."""
+def compare_greedy(model, inputs: dict, ours: list[int], reference: list[int], margin: float = 1e-4,
+                   sampler: Sampler | None = None) -> str:
+    """Classify an fp32 comparison as DESIGN defines it: 'equal'; 'near-tie' when the first differing position has
+    a top-2 margin under `margin` (a k-token vs 1-token rounding flip is excused); else 'different'. The margin is
+    of the logits, or with `sampler` (a seeded sampled request's) of the scores it chooses by."""
     if ours == reference:
         return "equal"
     first = next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), min(len(ours), len(reference)))
@@ -232,6 +235,8 @@ def compare_greedy(model, inputs: dict, ours: list[int], reference: list[int], m
     kwargs["attention_mask"] = torch.ones_like(kwargs["input_ids"])
     if "mm_token_type_ids" in inputs:
         kwargs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(prefix)], dim=1)
-    logits = model(**kwargs).logits[0, -1].float()
-    top2 = logits.topk(2).values
+    logits = model(**kwargs).logits[0, -1:].float()                      # [1, V]
+    if sampler is not None:
+        logits = sampler.scores(logits, [first])
+    top2 = logits[0].topk(2).values
     return "near-tie" if float(top2[0] - top2[1]) < margin else "different"

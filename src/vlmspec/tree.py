@@ -5,7 +5,7 @@ Definitions used here and in `verify.py`:
 - **node 0 / root**: the last verified token; it is not yet in the target's cache. Depth 0.
 - **draft node**: every other real node; its token was proposed by the drafter.
 - **node order invariant**: a parent's index is smaller than its child's; siblings appear in draw order (the
-  order in which the drafter proposed or sampled them). Recursive rejection sampling relies on the latter.
+  order in which the drafter proposed them).
 - **padding**: to batch trees of different sizes, rows are padded at the end with nodes of parent -1 and token
   `PAD_TOKEN`; `num_nodes[b]` counts the real nodes (root included).
 """
@@ -107,8 +107,6 @@ class Tree:
     tokens: Tensor  # [B, N] long
     parents: Tensor  # [B, N] long, -1 for root and padding
     num_nodes: Tensor  # [B] long
-    # at node i: the draft distribution its children were drawn from (None when the children are deterministic)
-    draft_probs: Tensor | None = None  # [B, N, V] float
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 2 or self.parents.shape != self.tokens.shape:
@@ -116,8 +114,6 @@ class Tree:
                              f"and {tuple(self.parents.shape)}")
         if self.num_nodes.shape != self.tokens.shape[:1]:
             raise ValueError(f"num_nodes must be [B], got {tuple(self.num_nodes.shape)}")
-        if self.draft_probs is not None and self.draft_probs.shape[:2] != self.tokens.shape:
-            raise ValueError(f"draft_probs must be [B, N, V], got {tuple(self.draft_probs.shape)}")
 
     @property
     def batch_size(self) -> int:
@@ -142,22 +138,15 @@ class Tree:
         """Concatenate trees along the batch, padding each to the largest N."""
         if not trees:
             raise ValueError("Tree.stack needs at least one tree")
-        if len({t.draft_probs is None for t in trees}) != 1:
-            raise ValueError("Tree.stack: either all trees have draft_probs or none")
         N = max(t.max_nodes for t in trees)
 
-        def pad(x: Tensor, value: float) -> Tensor:  # [b, n, ...] -> [b, N, ...]
-            shape = (x.shape[0], N - x.shape[1], *x.shape[2:])
-            return torch.cat([x, x.new_full(shape, value)], dim=1)
+        def pad(x: Tensor, value: int) -> Tensor:  # [b, n] -> [b, N]
+            return torch.cat([x, x.new_full((x.shape[0], N - x.shape[1]), value)], dim=1)
 
-        draft_probs = None
-        if trees[0].draft_probs is not None:
-            draft_probs = torch.cat([pad(t.draft_probs, 0.0) for t in trees])  # [B, N, V]
         return Tree(
             tokens=torch.cat([pad(t.tokens, PAD_TOKEN) for t in trees]),  # [B, N]
             parents=torch.cat([pad(t.parents, -1) for t in trees]),  # [B, N]
             num_nodes=torch.cat([t.num_nodes for t in trees]),  # [B]
-            draft_probs=draft_probs,
         )
 
     @cached_property
@@ -239,30 +228,25 @@ class TreeBuilder:
     runs B=1; Tree has B for verification).
 
     Usage by a drafter:
-        builder = TreeBuilder(config, root_token, generator=None|torch.Generator, sample=False)
+        builder = TreeBuilder(config, root_token, leaves=eos_tokens)
         frontier = builder.frontier()         # node indices whose children are wanted next (first: [0])
         while frontier:
-            logprobs = <drafter computes [len(frontier), V] log-probs of the next token at each frontier node>
-            builder.expand(logprobs)          # chooses children of each frontier node, returns new node indices
+            scores = <drafter computes [len(frontier), V] scores of the next token at each frontier node: its
+                      log-probs, or for a sampled request its warped logits + the request's Gumbel noise>
+            builder.expand(scores)            # chooses children of each frontier node, returns new node indices
             frontier = builder.frontier()
         tree = builder.build()                # Tree with B=1, pruned to total_tokens+1 nodes
     builder.token(n), builder.parent(n) and builder.depth(n) describe node n for the drafter's next forward.
 
-    Children: greedy (sample=False) takes the top-k tokens by log-prob; sample=True draws k tokens without
-    replacement from exp(logprobs) by Gumbel-top-k with `generator` (tokens of probability 0 are never drawn, so a
-    node may get fewer children) and records exp(logprobs) as the node's `draft_probs` row. `logprobs` are
-    re-normalised (x - logsumexp(x)), so raw logits work too. k is 1 (chain), `topk` (dynamic) or the number of
-    children the static shape gives the node.
+    Children: the top-k tokens by score (tokens of score -inf never: a node may get fewer children). Scores are
+    re-normalised to log-probs (x - logsumexp(x)), so raw logits work too. k is 1 (chain), `topk` (dynamic) or the
+    number of children the static shape gives the node.
 
-    Scores (dynamic): cum(node) = sum of log-probs along its path (EAGLE-2). Nodes are ranked by a score that never
-    increases from a parent to a child or from a sibling to a later-drawn sibling, ties broken by creation order,
-    so every prefix of the ranking is a tree whose siblings are a prefix of draw order:
-        greedy:  rank(child_j) = min(rank(parent), min_{i <= j} cum(child_i))  (= cum(child_j) in top-k order)
-        sample:  rank(child_j) = min(rank(parent), min_{i <  j} cum(child_i))
-    Sampled trees use the earlier siblings only: whether the j-th draw is kept must not depend on the token drawn,
-    or recursive rejection sampling would see a biased candidate (e.g. a low-probability draw pruned more often
-    than a high one) and stop being lossless. With it, whether a node is kept depends only on earlier draws and on
-    nodes that cannot outrank it. Greedy trees are deterministic, so any selection is lossless.
+    Ranks (dynamic): cum(node) = sum of log-probs along its path (EAGLE-2). Nodes are ranked by
+    rank(child_j) = min(rank(parent), cum(child_j)), which never increases from a parent to a child or from a
+    sibling to a later one, ties broken by creation order, so every prefix of the ranking is a tree whose siblings
+    are a prefix of top-k order. Verification emits the target's own choice whatever the tree (`verify.py`), so
+    any selection is lossless.
     Dynamic frontier: [0], then the `topk` best-ranked nodes of the newest level, until level `depth`. The tree
     kept by `build` is the root plus the `total_tokens` best-ranked nodes over all levels.
     Every kind: a node whose token is in `leaves` (the target's EOS tokens: nothing after them is ever emitted) or
@@ -271,11 +255,8 @@ class TreeBuilder:
     (given that node, verification is exact with or without them); which siblings exist never does.
     """
 
-    def __init__(self, config: TreeConfig, root_token: int | Tensor, generator: torch.Generator | None = None,
-                 sample: bool = False, leaves: Collection[int] = ()) -> None:
+    def __init__(self, config: TreeConfig, root_token: int | Tensor, leaves: Collection[int] = ()) -> None:
         self.config = config
-        self.generator = generator
-        self.sample = sample
         self.leaves = frozenset(leaves)          # tokens that end the answer (EOS): nothing after them is emitted
         self._min_rank = math.log(config.min_prob) if config.min_prob > 0 else -math.inf
         self._tokens = [int(root_token)]
@@ -284,7 +265,6 @@ class TreeBuilder:
         self._rank = [0.0]
         self._depth = [0]
         self._path: list[tuple[int, ...]] = [()]  # sibling ranks from the root, for static shapes
-        self._probs: dict[int, Tensor] = {}  # node -> [V] draft distribution of its children (sample only)
         self._device: torch.device | None = None
         self._frontier = [0]
         if config.kind == "static":
@@ -316,36 +296,27 @@ class TreeBuilder:
             return self._num_static_children.get(self._path[node], 0)
         return self.config.topk
 
-    def expand(self, logprobs: Tensor) -> list[int]:
-        """Choose the children of every frontier node from logprobs [len(frontier), V]; return new node indices."""
+    def expand(self, scores: Tensor) -> list[int]:
+        """Choose the children of every frontier node from scores [len(frontier), V]; return new node indices."""
         frontier = self._frontier
-        if logprobs.dim() != 2 or logprobs.shape[0] != len(frontier):
-            raise ValueError(f"expand expects log-probs of shape [{len(frontier)}, V], got {tuple(logprobs.shape)}")
-        self._device = logprobs.device
-        logprobs = logprobs.double()  # [F, V]
+        if scores.dim() != 2 or scores.shape[0] != len(frontier):
+            raise ValueError(f"expand expects scores of shape [{len(frontier)}, V], got {tuple(scores.shape)}")
+        self._device = scores.device
+        logprobs = scores.double()  # [F, V]
         logprobs = logprobs - logprobs.logsumexp(dim=-1, keepdim=True)  # [F, V] normalised
-        keys = logprobs
-        if self.sample:
-            uniform = torch.rand(logprobs.shape, generator=self.generator, dtype=torch.float64,
-                                 device=logprobs.device)  # [F, V]
-            gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300)))  # [F, V]
-            keys = logprobs + gumbel  # [F, V] top-k of these = a draw without replacement from exp(logprobs)
         counts = [self._num_children(node) for node in frontier]
         k = min(max(counts), logprobs.shape[-1])
-        chosen = keys.topk(k, dim=-1).indices  # [F, k] in draw order
-        chosen_logprobs = logprobs.gather(-1, chosen).tolist()  # [F, k]
+        top = logprobs.topk(k, dim=-1)
+        chosen, chosen_logprobs = top.indices, top.values.tolist()  # [F, k] best first
         new_nodes = []
         for row, node in enumerate(frontier):
-            if self.sample:
-                self._probs[node] = logprobs[row].exp()  # [V] float64
             running_min = self._rank[node]
             for sibling, (token, lp) in enumerate(zip(chosen[row, :counts[row]].tolist(),
                                                       chosen_logprobs[row][:counts[row]])):
-                if lp == -math.inf:  # probability 0: never drawn
+                if lp == -math.inf:  # probability 0: never chosen
                     break
                 cum = self._cum[node] + lp
-                if not self.sample:
-                    running_min = min(running_min, cum)
+                running_min = min(running_min, cum)
                 new_nodes.append(len(self._tokens))
                 self._tokens.append(token)
                 self._parents.append(node)
@@ -353,8 +324,6 @@ class TreeBuilder:
                 self._rank.append(running_min)
                 self._depth.append(self._depth[node] + 1)
                 self._path.append(self._path[node] + (sibling,))
-                if self.sample:
-                    running_min = min(running_min, cum)
         self._frontier = self._next_frontier(new_nodes)
         return new_nodes
 
@@ -381,11 +350,4 @@ class TreeBuilder:
         tokens = torch.tensor([[self._tokens[i] for i in kept]], dtype=torch.long, device=device)  # [1, n]
         parents = torch.tensor([[new_index[self._parents[i]] if i else -1 for i in kept]], dtype=torch.long,
                                device=device)  # [1, n]
-        draft_probs = None
-        if self.sample and self._probs:
-            V = next(iter(self._probs.values())).shape[-1]
-            draft_probs = torch.zeros(1, len(kept), V, dtype=torch.float64, device=device)  # [1, n, V] 0: unexpanded
-            for i in kept:
-                if i in self._probs:
-                    draft_probs[0, new_index[i]] = self._probs[i]
-        return Tree(tokens, parents, torch.tensor([len(kept)], dtype=torch.long, device=device), draft_probs)
+        return Tree(tokens, parents, torch.tensor([len(kept)], dtype=torch.long, device=device))

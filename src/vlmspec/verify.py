@@ -1,19 +1,27 @@
-"""Verification of a draft tree against the target's logits: greedy and lossless sampling. Pure tensor code.
+"""How a request chooses its tokens, and the verification of a draft tree against the target. Pure tensor code.
 
-Definitions (one verify step, per sequence b):
+Choosing (`Sampler`): greedy takes the argmax of the target's logits. Sampling takes the argmax of the warped
+logits plus Gumbel noise that the request's seed fixes for each answer position (the Gumbel-max trick: an exact
+sample of the warped distribution, and independent across positions because the noise is). So every token is a
+function of the target's logits, the seed and the position, and never of what was drafted: the drafter perturbs
+its own logits with the same noise, so it guesses the sample the target will take, and a seeded request gives the
+same tokens with any drafter, tree or batch as plain decoding does (up to floating-point rounding of the target).
 
-- `target_logits[b, i]`: the target's logits for the token AFTER node i (computed in the verify pass).
+Verification (one step, per sequence b), on scores = what the row chooses by (logits, or warped logits + noise):
+- `scores[b, i]`: the scores of the token AFTER node i (from the target's logits in the verify pass).
 - **accepted**: the draft tokens the target keeps: a root-to-node path of the tree, root excluded; node i's child
-  can only be accepted once i is.
-- **bonus**: the token the target itself emits after the accepted path (always exactly one): the argmax (greedy)
-  or a sample of the residual distribution (sampling) at the deepest accepted node.
-- Emitted tokens of the step = accepted tokens then the bonus. Lossless: each is the argmax / an exact sample of
-  the target's (warped) distribution given everything emitted before it.
+  is accepted iff i is and the child's token is the argmax of scores[b, i].
+- **bonus**: the token the target itself emits after the accepted path (always exactly one): the argmax of the
+  scores at the deepest accepted node.
+- Emitted tokens of the step = accepted tokens then the bonus: each is exactly the target's own choice given
+  everything emitted before it, whatever the tree.
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -69,6 +77,54 @@ def target_probs(logits: Tensor, cfg: SamplingConfig) -> Tensor:
     return torch.softmax(warp_logits(logits, cfg), dim=-1, dtype=torch.float64)
 
 
+# (draft logits [F, V] after frontier nodes at tree depth d, d) -> the scores their children are chosen by
+ChildScores = Callable[[Tensor, int], Tensor]
+
+
+def greedy_scores(logits: Tensor, depth: int) -> Tensor:
+    """The `ChildScores` of a greedy request: the draft logits themselves."""
+    return logits
+
+
+class Sampler:
+    """One request's choice of tokens. `scores(logits, positions)` gives what it takes the argmax of: the logits
+    themselves (greedy), or warp_logits(logits) in float64 plus Gumbel noise g_n [V] for answer position n (the
+    n-th generated token, 0 first). g_n comes from a generator seeded with a hash of (seed, n): the same for the
+    target and the drafter, the same in any batch, drawn once per position. `seed` None draws a random seed."""
+
+    def __init__(self, config: SamplingConfig, seed: int | None = None):
+        self.config = config
+        self.seed = secrets.randbits(63) if seed is None else int(seed)
+        self._noise: dict[int, Tensor] = {}       # position -> g_n [V], the positions still ahead
+
+    def scores(self, logits: Tensor, positions: Sequence[int]) -> Tensor:
+        """logits [n, V] → scores [n, V]; `positions[i]`: the answer position of the token after row i."""
+        if self.config.greedy:
+            return logits
+        if positions:
+            for stale in [n for n in self._noise if n < min(positions)]:   # positions behind the answer: done
+                del self._noise[stale]
+        noise = torch.stack([self.noise(n, logits.shape[-1], logits.device) for n in positions])   # [n, V]
+        return warp_logits(logits.double(), self.config) + noise
+
+    def noise(self, position: int, vocab: int, device: torch.device) -> Tensor:
+        """g_n [V] float64: standard Gumbel noise of answer position `position`."""
+        if position not in self._noise:
+            generator = torch.Generator(device=device).manual_seed(mix64(self.seed, position))
+            uniform = torch.rand(vocab, generator=generator, dtype=torch.float64, device=device)   # [V] in [0, 1)
+            self._noise[position] = -torch.log(-torch.log(uniform))                             # u = 0 gives -inf
+        return self._noise[position]
+
+
+def mix64(seed: int, position: int) -> int:
+    """A 64-bit generator seed from (seed, position): splitmix64's finaliser over seed and position, so nearby
+    pairs give unrelated seeds (torch's CPU generator keeps only the low 32 bits: those differ too)."""
+    x = (seed * 0x9E3779B97F4A7C15 + position * 0xD1B54A32D192ED03 + 0x632BE59BD9B4E019) % 2 ** 64
+    for shift, multiplier in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        x = ((x ^ (x >> shift)) * multiplier) % 2 ** 64
+    return x ^ (x >> 31)
+
+
 @dataclass(frozen=True, eq=False)
 class VerifyResult:
     """accepted: [B, D+1] long node indices of the accepted path, starting with the root 0, padded with -1
@@ -96,13 +152,13 @@ def _empty_path(tree: Tree) -> Tensor:
     return accepted
 
 
-def verify_greedy(tree: Tree, target_logits: Tensor) -> VerifyResult:
-    """Greedy verification. Child c of node i is accepted iff i is accepted and tokens[c] == argmax
-    target_logits[b, i] (the first such child in draw order, should tokens repeat); bonus = the argmax at the
-    deepest accepted node. target_logits: [B, N, V]. Vectorised over the batch, one iteration per depth."""
-    B, N, _ = target_logits.shape
+def verify(tree: Tree, scores: Tensor) -> VerifyResult:
+    """Child c of node i is accepted iff i is accepted and tokens[c] == argmax scores[b, i] (the first such child
+    in draw order, should tokens repeat); bonus = the argmax at the deepest accepted node. scores: [B, N, V] (the
+    target's logits, or `Sampler.scores` of them). Vectorised over the batch, one iteration per depth."""
+    B, N, _ = scores.shape
     batch = torch.arange(B, device=tree.tokens.device)  # [B]
-    best = target_logits.argmax(dim=-1)  # [B, N] the target's token after each node
+    best = scores.argmax(dim=-1)  # [B, N] the target's token after each node
     accepted = _empty_path(tree)  # [B, D+1]
     node = torch.zeros(B, dtype=torch.long, device=tree.tokens.device)  # [B] deepest accepted node
     num_accepted = torch.zeros_like(node)  # [B]
@@ -114,65 +170,3 @@ def verify_greedy(tree: Tree, target_logits: Tensor) -> VerifyResult:
         accepted[:, d] = torch.where(hit, child, accepted[:, d])
         num_accepted += hit
     return VerifyResult(accepted, num_accepted, best[batch, node])
-
-
-def verify_sampling(tree: Tree, target_logits: Tensor, cfg: SamplingConfig,
-                    generator: torch.Generator | None) -> VerifyResult:
-    """Lossless verification by recursive rejection sampling over siblings (SpecInfer; Jeon et al. 2024,
-    without replacement). At an accepted node i, p = target_probs(target_logits[b, i]) and q = draft_probs[b, i].
-    For each child c of i in draw order, with token x: accept c with probability min(1, p[x] / q[x]); on
-    rejection p <- normalize(max(p - q, 0)) (kept as is if that is all zero), q[x] <- 0, q <- normalize(q).
-    Accepting c moves to c and repeats; when i has no child left, bonus ~ p. Every emitted token is then an
-    exact sample of the target's warped distribution, provided the children were drawn without replacement from
-    q and whether a child is present does not depend on its own token (see `TreeBuilder`).
-    When tree.draft_probs is None the children are taken as deterministic proposals (q = one-hot of the child's
-    token), which is the same rule and equally lossless.
-
-    target_logits: [B, N, V]. generator: on target_logits' device. Probabilities are float64. Vectorised over the
-    batch: each iteration accepts or rejects one child per unfinished sequence, so at most N iterations.
-    """
-    B, N, V = target_logits.shape
-    device = target_logits.device
-    batch = torch.arange(B, device=device)  # [B]
-    probs = target_probs(target_logits, cfg)  # [B, N, V] float64
-    deterministic = tree.draft_probs is None
-    draft = None if deterministic else tree.draft_probs.to(device=device, dtype=torch.float64)  # [B, N, V]
-    kids = tree.children_table()  # [B, N, C]
-    C = kids.shape[-1]
-
-    accepted = _empty_path(tree)  # [B, D+1]
-    node = torch.zeros(B, dtype=torch.long, device=device)  # [B] deepest accepted node
-    next_kid = torch.zeros_like(node)  # [B] sibling rank of the next child of `node` to try
-    num_accepted = torch.zeros_like(node)  # [B]
-    p = probs[:, 0]  # [B, V] residual target distribution at `node`
-    q = torch.zeros_like(p) if deterministic else draft[:, 0]  # [B, V] residual draft distribution at `node`
-    for _ in range(N):
-        child = kids[batch, node, next_kid.clamp(max=C - 1)]  # [B]
-        trying = (next_kid < C) & (child >= 0)  # [B] False: finished, bonus ~ p
-        if not trying.any():
-            break
-        child = child.clamp(min=0)  # [B]
-        x = tree.tokens[batch, child]  # [B] candidate token
-        if deterministic:
-            q = torch.nn.functional.one_hot(x, V).to(p.dtype)  # [B, V]
-        px = p[batch, x]  # [B]
-        qx = q[batch, x]  # [B]
-        u = torch.rand(B, generator=generator, dtype=torch.float64, device=device)  # [B]
-        accept = trying & (u * qx < px)  # [B] u < p/q without dividing (q[x] = 0 accepts iff p[x] > 0)
-        reject = trying & ~accept  # [B]
-
-        residual = (p - q).clamp_min(0)  # [B, V]
-        residual_sum = residual.sum(dim=-1, keepdim=True)  # [B, 1]
-        p_rejected = torch.where(residual_sum > 0, residual / residual_sum.clamp_min(1e-300), p)  # [B, V]
-        q_rejected = q.scatter(-1, x[:, None], 0.0)  # [B, V]
-        q_rejected = q_rejected / q_rejected.sum(dim=-1, keepdim=True).clamp_min(1e-300)  # [B, V]
-
-        p = torch.where(accept[:, None], probs[batch, child], torch.where(reject[:, None], p_rejected, p))
-        if not deterministic:
-            q = torch.where(accept[:, None], draft[batch, child], torch.where(reject[:, None], q_rejected, q))
-        node = torch.where(accept, child, node)
-        next_kid = torch.where(accept, 0, next_kid + reject.long())
-        num_accepted += accept
-        accepted[batch[accept], num_accepted[accept]] = child[accept]
-    bonus = torch.multinomial(p, 1, generator=generator)[:, 0]  # [B]
-    return VerifyResult(accepted, num_accepted, bonus)

@@ -5,7 +5,7 @@ protocol, driven by the engine with explicit state objects:
 
     state = drafter.begin(target, prefill, first_token)    # after the target's prefill
     loop:
-        tree = drafter.propose(state, tree_config, sampling, generator)   # root = last verified token
+        tree = drafter.propose(state, tree_config, scores)   # root = last verified token
         ... target verifies, commits the accepted path ...
         drafter.accept(state, tree, path, verified, bonus)  # path: accepted tree node indices, root first
 
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from vlmspec.train.data import CollectedData
     from vlmspec.train.losses import LossConfig
     from vlmspec.tree import Tree, TreeBuilder, TreeConfig
-    from vlmspec.verify import SamplingConfig
+    from vlmspec.verify import ChildScores
 
 _REGISTRY: dict[str, type["Drafter"]] = {}
 
@@ -71,11 +71,10 @@ class DraftBatch:
         self.states[row] = self.states[-1]
         self.states.pop()
 
-    def propose(self, tree_configs: "list[TreeConfig | None]", samplings: "list[SamplingConfig]",
-                generators: list[torch.Generator | None]) -> "list[Tree | None]":
+    def propose(self, tree_configs: "list[TreeConfig | None]", scores: "list[ChildScores]") -> "list[Tree | None]":
         """Each row's tree (None where its config is None: that row does not draft this step)."""
-        return [None if config is None else self.drafter.propose(state, config, sampling, generator)
-                for state, config, sampling, generator in zip(self.states, tree_configs, samplings, generators)]
+        return [None if config is None else self.drafter.propose(state, config, row_scores)
+                for state, config, row_scores in zip(self.states, tree_configs, scores)]
 
 
 def register_drafter(cls: type["Drafter"]) -> type["Drafter"]:
@@ -119,8 +118,10 @@ class Drafter(nn.Module):
     def begin(self, target: "Target", prefill: "PrefillOutput", first_token: int) -> Any:
         raise NotImplementedError
 
-    def propose(self, state: Any, tree_config: "TreeConfig", sampling: "SamplingConfig",
-                generator: torch.Generator | None) -> "Tree":
+    def propose(self, state: Any, tree_config: "TreeConfig", scores: "ChildScores") -> "Tree":
+        """One step's tree. `scores(logits, depth)` turns the draft logits [F, V] after frontier nodes of tree depth
+        `depth` into what their children are chosen by (`TreeBuilder.expand`): the request's own choice rule
+        (`Request.child_scores`), so the draft guesses the token the target will take."""
         raise NotImplementedError
 
     def accept(self, state: Any, tree: "Tree", path: list[int], verified: "NodesOutput", bonus: int) -> None:
@@ -130,13 +131,11 @@ class Drafter(nn.Module):
         """The container of this drafter's states for a batch of rows (the engine keeps it in row order)."""
         return DraftBatch(self)
 
-    def tree_builder(self, tree_config: "TreeConfig", root_token: int, sampling: "SamplingConfig",
-                     generator: torch.Generator | None) -> "TreeBuilder":
-        """The builder of one step's draft tree: sampled children when sampling, the target's EOS tokens as leaves."""
+    def tree_builder(self, tree_config: "TreeConfig", root_token: int) -> "TreeBuilder":
+        """The builder of one step's draft tree, the target's EOS tokens as leaves."""
         from vlmspec.tree import TreeBuilder
 
-        return TreeBuilder(tree_config, root_token, generator=generator, sample=not sampling.greedy,
-                           leaves=self.target.eos_token_ids)
+        return TreeBuilder(tree_config, root_token, leaves=self.target.eos_token_ids)
 
     # ------------------------------------------------------------------ training
     def feature_layers(self) -> list[int]:

@@ -12,7 +12,7 @@ import torch
 from vlmspec.drafters.base import DraftState, Drafter, register_drafter
 from vlmspec.target import Target, TargetState
 from vlmspec.tree import Tree, TreeConfig
-from vlmspec.verify import SamplingConfig, warp_logits
+from vlmspec.verify import ChildScores
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,7 @@ class DraftModelDrafter(Drafter):
         pad = logits.new_full((*logits.shape[:-1], vocab - logits.shape[-1]), float("-inf"))
         return torch.cat([logits, pad], dim=-1)
 
-    def propose(self, state: DraftModelState, tree_config: TreeConfig, sampling: SamplingConfig,
-                generator: torch.Generator | None) -> Tree:
+    def propose(self, state: DraftModelState, tree_config: TreeConfig, scores: ChildScores) -> Tree:
         device = self.target.device
         count = len(state.tokens)
         out = self.draft.extend(state.model_state, torch.tensor([state.tokens], device=device),
@@ -69,12 +68,12 @@ class DraftModelDrafter(Drafter):
         self.draft.commit(state.model_state, list(range(count)))
         state.forwards += 1
         root, state.tokens = state.tokens[-1], []
-        builder = self.tree_builder(tree_config, root, sampling, generator)
+        builder = self.tree_builder(tree_config, root)
         node_pending = {0: -1}
         logits = out.logits[0, -1:]                                                 # [1, V]
+        frontier = builder.frontier()
         while True:
-            logits = self._logits(logits)
-            builder.expand(logits if sampling.greedy else warp_logits(logits, sampling))
+            builder.expand(scores(self._logits(logits), builder.depth(frontier[0])))
             frontier = builder.frontier()
             if not frontier:
                 break

@@ -28,7 +28,7 @@ from vlmspec.drafters.layers import DraftDecoder, draft_layer_config
 from vlmspec.drafters.treedraft import draft_trees
 from vlmspec.pending import PendingNodes
 from vlmspec.tree import Tree, TreeConfig
-from vlmspec.verify import SamplingConfig
+from vlmspec.verify import ChildScores
 
 
 @dataclass
@@ -100,12 +100,11 @@ class FeatureDrafter(Drafter):
     def new_batch(self) -> "FeatureDraftBatch":
         return FeatureDraftBatch(self)
 
-    def propose(self, state: FeatureDraftState, tree_config: TreeConfig, sampling: SamplingConfig,
-                generator: torch.Generator | None) -> Tree:
+    def propose(self, state: FeatureDraftState, tree_config: TreeConfig, scores: ChildScores) -> Tree:
         """One row's tree (a batch of one, in the state's own cache)."""
         if state.cache.rows != 1:
             raise ValueError("this state belongs to a batch: propose through its DraftBatch")
-        return FeatureDraftBatch(self, state.cache, [state]).propose([tree_config], [sampling], [generator])[0]
+        return FeatureDraftBatch(self, state.cache, [state]).propose([tree_config], [scores])[0]
 
     def accept(self, state: FeatureDraftState, tree: Tree, path: list[int], verified, bonus: int) -> None:
         self.ready(state)
@@ -148,17 +147,16 @@ class FeatureDraftBatch(DraftBatch):
         self.states[last].row = row
         super().remove(row)
 
-    def propose(self, tree_configs: Sequence[TreeConfig | None], samplings: Sequence[SamplingConfig],
-                generators: Sequence[torch.Generator | None]) -> list[Tree | None]:
+    def propose(self, tree_configs: Sequence[TreeConfig | None], scores: Sequence[ChildScores]) -> list[Tree | None]:
         drafter = self.drafter
         drafting = [config is not None for config in tree_configs]
         if not any(drafting):
             return [None] * len(self.states)
         roots = self._catch_up(drafting)
-        builders = [drafter.tree_builder(config, state.root, sampling, generator) if config is not None else None
-                    for state, config, sampling, generator in zip(self.states, tree_configs, samplings, generators)]
+        builders = [drafter.tree_builder(config, state.root) if config is not None else None
+                    for state, config in zip(self.states, tree_configs)]
         self.pending = PendingNodes.empty(len(self.states), next(drafter.decoder.parameters()).device)
-        return draft_trees(builders, roots, drafter.draft_logits, self._run_level, samplings,
+        return draft_trees(builders, roots, drafter.draft_logits, self._run_level, scores,
                            drafter.tokens_per_forward, drafter.head)
 
     def _catch_up(self, drafting: list[bool]) -> list[Tensor | None]:

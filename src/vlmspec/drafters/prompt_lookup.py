@@ -1,6 +1,6 @@
 """Prompt lookup: propose the tokens that followed the latest earlier occurrence of the current n-gram in the
-prompt and the generated text. No model. Proposals are deterministic, so for sampling each node's draft
-distribution is a point mass on its child (verification then stays exact)."""
+prompt and the generated text. No model, and no scores: the proposal is the same for greedy and sampled
+requests (verification emits the target's own choice either way)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from vlmspec.drafters.base import DraftState, Drafter, register_drafter
 from vlmspec.tree import Tree, TreeConfig
-from vlmspec.verify import SamplingConfig
+from vlmspec.verify import ChildScores
 
 
 @dataclass(frozen=True)
@@ -47,19 +47,13 @@ class PromptLookupDrafter(Drafter):
     def begin(self, target, prefill, first_token: int) -> LookupState:
         return LookupState(history=prefill.input_ids[0].tolist() + [first_token])
 
-    def propose(self, state: LookupState, tree_config: TreeConfig, sampling: SamplingConfig,
-                generator: torch.Generator | None) -> Tree:
+    def propose(self, state: LookupState, tree_config: TreeConfig, scores: ChildScores) -> Tree:
         depth = tree_config.depth if tree_config.kind == "chain" else min(tree_config.depth, tree_config.total_tokens)
         proposal = lookup(state.history, self.config.max_ngram, self.config.min_ngram, depth)
         device = self.target.device
         tokens = torch.tensor([state.history[-1:] + proposal], device=device)       # [1, n]
         parents = torch.arange(-1, len(proposal), device=device)[None]             # [1, n]: a chain
-        draft_probs = None
-        if not sampling.greedy:
-            draft_probs = torch.zeros(1, tokens.shape[1], self.target.vocab_size, dtype=torch.float64, device=device)
-            for node, token in enumerate(proposal):
-                draft_probs[0, node, token] = 1.0                                  # [1, n, V] point masses
-        return Tree(tokens, parents, torch.tensor([tokens.shape[1]], device=device), draft_probs)
+        return Tree(tokens, parents, torch.tensor([tokens.shape[1]], device=device))
 
     def accept(self, state: LookupState, tree: Tree, path: list[int], verified, bonus: int) -> None:
         state.history += tree.tokens[0, path[1:]].tolist() + [bonus]

@@ -1,7 +1,7 @@
 """Level-by-level tree drafting for a batch of rows, shared by the feature drafters (EAGLE-2 style, and FLASH's
 k levels per draft forward).
 
-Each row has its own `TreeBuilder` (its own tree shape, sampling settings and random generator). At each level the
+Each row has its own `TreeBuilder` (its own tree shape) and its own choice rule (`ChildScores`). At each level the
 draft logits of every row's frontier come from ONE lm_head call and choose that row's children; the rows advance in
 lockstep (a row whose tree is complete drops out). With `tokens_per_forward` k = 1 every new level is fed to the
 draft model in ONE forward over all rows, each node paired with its parent's predicted feature, under its parent's
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from vlmspec.tree import Tree, TreeBuilder
-from vlmspec.verify import SamplingConfig, warp_logits
+from vlmspec.verify import ChildScores
 
 # run_level(tokens per row, parent features per row [n_r, H], parents per row) -> (predicted features per row
 # [n_r, H], pending slots used per row): parents index the row's pending nodes since the tree began, these
@@ -30,7 +30,7 @@ Head = Callable[[int, Tensor, Tensor], Tensor]
 
 def draft_trees(builders: Sequence[TreeBuilder | None], root_features: Sequence[Tensor | None],
                 draft_logits: Callable[[Tensor], Tensor], run_level: RunLevel,
-                samplings: Sequence[SamplingConfig | None], tokens_per_forward: int = 1,
+                scores: Sequence[ChildScores], tokens_per_forward: int = 1,
                 head: Head | None = None) -> list[Tree | None]:
     """The trees of a batch's rows (None for a row without a builder) from each row's root feature [H]."""
     rows = range(len(builders))
@@ -43,8 +43,7 @@ def draft_trees(builders: Sequence[TreeBuilder | None], root_features: Sequence[
         active = [r for r in rows if frontier[r]]
         logits = draft_logits(torch.stack([features[r][n] for r in active for n in frontier[r]]))   # [ΣF, V]
         for r, part in zip(active, logits.split([len(frontier[r]) for r in active])):
-            sampling = samplings[r]
-            builders[r].expand(part if sampling.greedy else warp_logits(part, sampling))
+            builders[r].expand(scores[r](part, builders[r].depth(frontier[r][0])))
             frontier[r] = builders[r].frontier()
         active = [r for r in rows if frontier[r]]
         if not active:
