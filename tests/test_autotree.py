@@ -3,6 +3,7 @@ resolution of `--tree auto|recommended|explicit` at load (lossless: only the tre
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -81,6 +82,17 @@ def test_higher_cost_slope_gives_a_smaller_tree():
     assert steep.tree.min_prob > cheap.tree.min_prob
 
 
+def test_node_cost_gives_a_smaller_narrower_tree():
+    # width rescues many misses, verify is nearly free: without a drafting cost per node a wide tree wins
+    profile = AcceptanceProfile(by_depth=(0.7, 0.7, 0.7), by_rank=(0.7, 0.9, 0.95, 0.97))
+    free = choose_tree(linear(0.005), 0.02, profile)
+    dear = choose_tree(linear(0.005), 0.02, dataclasses.replace(profile, draft_node_ratio=0.05))
+    assert free.tree.kind == "dynamic" and dear.verified_nodes < free.verified_nodes
+    perfect = choose_tree(FLAT, 0.0, dataclasses.replace(PERFECT, draft_node_ratio=0.1))
+    assert perfect.tree.kind == "chain" and perfect.tree.depth < 12
+    assert perfect.expected_speedup < choose_tree(FLAT, 0.0, PERFECT).expected_speedup
+
+
 def test_batch_growth_gives_a_smaller_tree():
     # a GPU-like c(k): flat to 16 tokens, then linear; at batch 16 every extra node costs a full token's share
     costs = {1: 1.0, 16: 1.0, 32: 2.0, 256: 16.0}
@@ -120,12 +132,19 @@ def test_profile_from_a_tune_summary():
                "across_suites": [{"arm": f"d [{t}]", "temperature": 0.0, "acceptance_by_depth": [a, 0.8, 0.7]}
                                  for t, a in zip(trees, depth1)],
                "rows": [{"arm": f"d [{trees[0]}]", "suite": "s", "temperature": 0.0, "c_draft_step": 0.4,
-                         "draft_forwards_per_step": 3.0}],
+                         "draft_forwards_per_step": 3.0, "mean_tree_nodes": 4.0}],
                "costs": {"s": {"seconds": {"1": 1.0}}}}
     profile = profile_from_summary(summary, "d")
     assert profile.by_depth == (0.9, 0.8, 0.7)
     assert profile.by_rank == (0.9, 0.95, 0.95, 0.97)            # k = 3 unmeasured: holds k = 2's
-    assert profile.draft_cost_ratio == pytest.approx(0.1)
+    assert profile.draft_cost_ratio == pytest.approx(0.1) and profile.draft_node_ratio is None   # one shape
+    # c_draft per step = 0.1 · (forwards + 1) + 0.02 · drafted nodes in every arm: the fit recovers both
+    shapes = [(3.0, 4.0), (1.0, 9.0), (2.0, 9.0)]                # (draft forwards, tree nodes incl. the root)
+    summary["rows"] = [{"arm": f"d [{t}]", "suite": "s", "temperature": 0.0, "draft_forwards_per_step": f,
+                        "mean_tree_nodes": n, "c_draft_step": 0.1 * (f + 1) + 0.02 * (n - 1)}
+                       for t, (f, n) in zip(trees, shapes)]
+    fitted = profile_from_summary(summary, "d")
+    assert fitted.draft_cost_ratio == pytest.approx(0.1) and fitted.draft_node_ratio == pytest.approx(0.02)
     with pytest.raises(ValueError, match="chain"):
         profile_from_summary({**summary, "arms": [arm(trees[1])]}, "d")
 
@@ -160,13 +179,13 @@ def test_tree_auto_resolves_at_load_and_stays_lossless(tiny, tmp_path, monkeypat
     checkpoint = save_drafter(drafter, tmp_path / "eagle", tree=TreeConfig(kind="chain", depth=2))
     recommended = TreeConfig(kind="chain", depth=2)
     assert checkpoint_profile(str(checkpoint)) is None                          # untuned, untrained: no profile
-    assert resolve_tree(None, target, str(checkpoint), drafter, recommended) == recommended
+    assert resolve_tree(None, target, str(checkpoint), drafter, recommended) == recommended   # no profile: its own
     profile = AcceptanceProfile(by_depth=(0.9, 0.8), by_rank=(0.9, 0.95, 0.97), draft_cost_ratio=0.05)
     meta = json.loads((checkpoint / "config.json").read_text())
     (checkpoint / "config.json").write_text(json.dumps({**meta, "acceptance": profile.to_dict()}))
     auto = resolve_tree("auto", target, str(checkpoint), drafter, recommended)
     assert auto == choose_tree(probe.target_costs(target), 0.05, profile).tree != recommended
-    assert resolve_tree(None, target, str(checkpoint), drafter, recommended) == recommended   # the default
+    assert resolve_tree(None, target, str(checkpoint), drafter, recommended) == auto           # the default
     assert resolve_tree("recommended", target, str(checkpoint), drafter, recommended) == recommended
     assert resolve_tree("kind=chain,depth=3", target, "eagle", drafter, None) == TreeConfig(kind="chain", depth=3)
     assert resolve_tree(None, target, "eagle", drafter, None) == TreeConfig()   # untrained type: the default

@@ -79,6 +79,8 @@ def test_bench_writes_records_summary_report_and_plots(tiny, suite, tmp_path, br
     assert summary["costs"]["tiny"]["seconds"]["1"] > 0
     greedy = [r for r in records if r["temperature"] == 0 and r["status"] == "ok"]
     assert all(r["diverged"] is not None for r in greedy)
+    sampled = [r for r in records if r["temperature"] > 0 and r["status"] == "ok"]
+    assert all((r["diverged"] is None) == (r["kind"] == "peer") for r in sampled)   # same seed: comparable
     broken = [r for r in summary["rows"] if r["arm"] == "hf-broken"]
     assert broken and all(r["status"] == "unsupported" and "no_such_generate_argument" in r["error"]
                           for r in broken)
@@ -221,7 +223,8 @@ def test_divergence_efficiency_and_summary_rows():
     across = {r["arm"]: r for r in summary["across_suites"]}
     assert across["x"]["speedup_geomean"] == pytest.approx(2.0) and across["none"]["tau_mean"] == 1.0
     sampled = [dict(r, temperature=1.0) for r in arm]
-    assert metrics.divergence_rate(sampled, plain) is None
+    assert metrics.divergence_rate(sampled, plain) == 0.5                 # seeded: the same tokens expected
+    assert metrics.divergence_rate([dict(r, kind="peer") for r in sampled], plain) is None
     assert math.isclose(metrics.tokens_per_second(plain), 4.0)
 
 

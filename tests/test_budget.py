@@ -69,6 +69,16 @@ def test_drafting_stops_where_recent_answers_end():
     assert not budget.continues(1)
 
 
+def test_a_first_drafting_step_needs_more_evidence():
+    budget = TreeBudget(TREE)
+    for length in (3, 2, 3, 3, 2, 3):                            # mixed two- and three-token answers
+        budget.finished(length)
+    assert budget.continues(1) and not budget.continues(1, first=True)   # ~0.65 went on: enough, unless catching up
+    for _ in range(3):
+        budget.finished(3)
+    assert budget.continues(1, first=True)
+
+
 def test_older_answers_weigh_less():
     budget = TreeBudget(TREE)
     for _ in range(10):

@@ -20,14 +20,17 @@ The model (docs/drafters.md, "`--tree auto`"):
   (B rows of n tokens priced as one forward of B·n tokens; c(k) made non-decreasing in k by `monotone`, then
   interpolated linearly by `costs.interpolate`, the last segment's slope past the probed k) plus the draft: (F + 1)
   draft forwards (F to build the tree, one to catch up on the accepted tokens) at c_draft · c(B)/c(1) each (a draft
-  forward scales with batch as the target's does), shared by the B rows. F = depth levels / the drafter's tokens
-  per forward.
+  forward scales with batch as the target's does), shared by the B rows, plus c_node per drafted node (choosing
+  children, the head and masks for it: bookkeeping that grows with the tree, not with the batch). F = depth levels
+  / the drafter's tokens per forward. (Measured for `testbed:flash` in fp32 on the 2-core AVX2 VM, seven trees from
+  a depth-3 chain to 24-node dynamic trees: c_draft per step ≈ 2.8 ms per draft forward + 0.17 ms per node, 0.7 ms
+  rms error; without the node term a 20-node tree's drafting was priced at half what it took.)
 - **Expected tokens per second per request** = (1 + E[accepted]) / (cost of a step per request). Plain decoding
   makes c(B)/B per token, so the expected speedup is that rate × c(B)/B.
 - **Choice**: every candidate with its break-even `min_prob` (below); among those within `SLACK` (5 %) of the best
   expected tokens per second, the fewest verified nodes win.
-- `min_prob` of a candidate: the break-even chance of one more node, (c(B·(n+1)) − c(B·n))/B divided by the
-  seconds the chosen tree spends per token (a node of chance p adds p tokens for that many seconds: worth it only
+- `min_prob` of a candidate: the break-even chance of one more node, (c(B·(n+1)) − c(B·n))/B + c_node divided by
+  the seconds the chosen tree spends per token (a node of chance p adds p tokens for that many seconds: worth it only
   when p / extra seconds beats the tree's own tokens per second), capped at 0.5.
 """
 
@@ -61,12 +64,14 @@ TOTALS = (4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
 class AcceptanceProfile:
     """What `--tree auto` knows of a drafter (see the module docstring). Stored in a checkpoint's config.json under
     `acceptance` by `vlmspec tune --save`. `draft_cost_ratio` = one draft forward / c(1) where it was measured
-    (None: unknown, then the caller supplies c_draft); `source` says where the numbers come from."""
+    (None: unknown, then the caller supplies c_draft); `draft_node_ratio` = the drafting cost of one more node /
+    c(1) (None: not measured, taken as 0); `source` says where the numbers come from."""
 
     by_depth: tuple[float, ...]
     by_rank: tuple[float, ...] = ()
     draft_cost_ratio: float | None = None
     tokens_per_forward: int = 1
+    draft_node_ratio: float | None = None
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -79,8 +84,10 @@ class AcceptanceProfile:
         if any(b < a for a, b in zip(self.by_rank, self.by_rank[1:])):
             raise ValueError(f"acceptance by_rank (among the first k choices) cannot decrease, got "
                              f"{list(self.by_rank)}")
-        if self.draft_cost_ratio is not None and not self.draft_cost_ratio >= 0:
-            raise ValueError(f"draft_cost_ratio must be >= 0, got {self.draft_cost_ratio!r}")
+        for name in ("draft_cost_ratio", "draft_node_ratio"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
         if not isinstance(self.tokens_per_forward, int) or self.tokens_per_forward < 1:
             raise ValueError(f"tokens_per_forward must be an integer >= 1, got {self.tokens_per_forward!r}")
 
@@ -160,10 +167,17 @@ def _dynamic_nodes(max_depth: int, topk: int, min_prob: float,
     return tuple(sorted(nodes, reverse=True)), levels
 
 
-def step_seconds(costs: Mapping[int, float], nodes: int, draft_forwards: int, c_draft: float, batch: int) -> float:
+def step_seconds(costs: Mapping[int, float], nodes: int, draft_forwards: int, c_draft: float, batch: int,
+                 c_node: float = 0.0) -> float:
     """Seconds of one step per request (see the module docstring)."""
     scale = interpolate(dict(costs), batch) / interpolate(dict(costs), 1)
-    return (interpolate(dict(costs), batch * nodes) + (draft_forwards + 1) * c_draft * scale) / batch
+    return (interpolate(dict(costs), batch * nodes) + (draft_forwards + 1) * c_draft * scale) / batch \
+        + (nodes - 1) * c_node
+
+
+def node_cost(costs: Mapping[int, float], profile: AcceptanceProfile) -> float:
+    """c_node in seconds: the profile's ratio times this machine's c(1)."""
+    return (profile.draft_node_ratio or 0.0) * interpolate(dict(costs), 1)
 
 
 def evaluate(tree: TreeConfig, costs: Mapping[int, float], c_draft: float, profile: AcceptanceProfile,
@@ -172,7 +186,7 @@ def evaluate(tree: TreeConfig, costs: Mapping[int, float], c_draft: float, profi
     chances, levels = expected_shape(tree, profile)
     forwards = math.ceil(levels / profile.tokens_per_forward)
     tokens = 1.0 + sum(chances)
-    per_token = step_seconds(costs, len(chances) + 1, forwards, c_draft, batch) / tokens
+    per_token = step_seconds(costs, len(chances) + 1, forwards, c_draft, batch, node_cost(costs, profile)) / tokens
     plain = interpolate(dict(costs), batch) / batch
     return Choice(tree, tokens, len(chances) + 1, per_token, plain / per_token)
 
@@ -220,7 +234,8 @@ def with_min_prob(choice: Choice, costs: Mapping[int, float], c_draft: float, pr
                   batch: int) -> Choice:
     """`choice`'s tree with `min_prob` at the break-even chance of one more node (module docstring), re-evaluated."""
     nodes = choice.verified_nodes
-    extra = (interpolate(dict(costs), batch * (nodes + 1)) - interpolate(dict(costs), batch * nodes)) / batch
+    extra = (interpolate(dict(costs), batch * (nodes + 1)) - interpolate(dict(costs), batch * nodes)) / batch \
+        + node_cost(costs, profile)
     min_prob = round(min(max(extra / choice.seconds_per_token, 0.0), 0.5), 3)
     return evaluate(dataclasses.replace(choice.tree, min_prob=min_prob), costs, c_draft, profile, batch)
 
@@ -228,7 +243,7 @@ def with_min_prob(choice: Choice, costs: Mapping[int, float], c_draft: float, pr
 def profile_from_summary(summary: Mapping[str, Any], drafter: str, tokens_per_forward: int = 1) -> AcceptanceProfile:
     """Derive a drafter's profile from a bench summary (a `vlmspec tune` run) at its lowest temperature: `by_depth` from
     its deepest chain arm, `by_rank` from the depth-1 acceptance of its arms of each top-k (C(1) from the chains),
-    `draft_cost_ratio` from the chain arm's mean c_draft per step / (draft forwards per step + 1) / c(1)."""
+    the cost ratios from c_draft per step / c(1) of every arm and suite (`_draft_cost_ratios`)."""
     arms = {a["name"]: a["tree"] for a in summary["arms"] if a["tree"] and _arm_of(a["name"], drafter)}
     coldest = min(summary["config"]["temperatures"])
     rows = {r["arm"]: r for r in summary["across_suites"]
@@ -247,9 +262,9 @@ def profile_from_summary(summary: Mapping[str, Any], drafter: str, tokens_per_fo
     for k in range(1, max(first) + 1):                     # cumulative: unmeasured k hold the last measured value
         best = max(best, first.get(k, best))
         by_rank.append(best)
-    return AcceptanceProfile(by_depth=by_depth, by_rank=tuple(by_rank),
-                             draft_cost_ratio=_draft_cost_ratio(summary, chains[0]),
-                             tokens_per_forward=tokens_per_forward,
+    forward_ratio, node_ratio = _draft_cost_ratios(summary, rows)
+    return AcceptanceProfile(by_depth=by_depth, by_rank=tuple(by_rank), draft_cost_ratio=forward_ratio,
+                             tokens_per_forward=tokens_per_forward, draft_node_ratio=node_ratio,
                              source=f"bench of {len(rows)} tree(s), T={rows[chains[0]]['temperature']:g}")
 
 
@@ -257,14 +272,31 @@ def _arm_of(name: str, drafter: str) -> bool:
     return name == drafter or name.startswith(f"{drafter} [")
 
 
-def _draft_cost_ratio(summary: Mapping[str, Any], arm: str) -> float | None:
-    ratios = []
+def _draft_cost_ratios(summary: Mapping[str, Any], arms: Iterable[str]) -> tuple[float | None, float | None]:
+    """(draft forward / c(1), drafted node / c(1)): the least-squares fit of c_draft per step / c(1) ≈
+    forward ratio · (draft forwards + 1) + node ratio · drafted nodes over the arms' rows (suites) at the lowest
+    temperature. With one tree shape the two cannot be told apart: (mean c_draft / (forwards + 1), None)."""
+    points = []
     coldest = min(summary["config"]["temperatures"])
     for row in summary["rows"]:
         seconds = summary["costs"].get(row["suite"], {}).get("seconds", {})
-        if row["arm"] == arm and row["temperature"] == coldest and row["c_draft_step"] is not None and "1" in seconds:
-            ratios.append(row["c_draft_step"] / (row["draft_forwards_per_step"] + 1) / seconds["1"])
-    return sum(ratios) / len(ratios) if ratios else None
+        if row["arm"] in arms and row["temperature"] == coldest and row["c_draft_step"] is not None \
+                and row.get("mean_tree_nodes") is not None and "1" in seconds:
+            points.append((row["draft_forwards_per_step"] + 1, row["mean_tree_nodes"] - 1,
+                           row["c_draft_step"] / seconds["1"]))
+    if not points:
+        return None, None
+    if len({round(n / f, 1) for f, n, _ in points}) > 1:          # forwards and nodes vary apart: fit both
+        ff = sum(f * f for f, _, _ in points)
+        fn = sum(f * n for f, n, _ in points)
+        nn = sum(n * n for _, n, _ in points)
+        fy = sum(f * y for f, _, y in points)
+        ny = sum(n * y for _, n, y in points)
+        det = ff * nn - fn * fn
+        forward, node = (fy * nn - ny * fn) / det, (ny * ff - fy * fn) / det
+        if forward >= 0 and node >= 0:
+            return forward, node
+    return statistics.fmean(y / f for f, _, y in points), None
 
 
 def describe(choice: Choice, sources: Sequence[str] = ()) -> str:

@@ -11,8 +11,9 @@ noticed. The schedule is deterministic given the measurements.
 Answers about to end. A step can only gain from drafting if the answer goes on for at least two more tokens (one
 token is what the step emits anyway), and a row's first drafting step also pays the drafter's catch-up over the
 whole prompt. The budget remembers the lengths of recent answers (newer ones weigh more) and a row that has emitted
-m tokens drafts only while at least half of the recent answers that reached m + 1 tokens reached m + 2
-(`continues`); else it verifies its root alone, as plain decoding does. So a one-word answer (a word and EOS: two
+m tokens drafts only while at least half of the recent answers that reached m + 1 tokens reached m + 2 (three
+quarters before its first drafting step, which also pays the catch-up) (`continues`); else it verifies its root
+alone, as plain decoding does. So a one-word answer (a word and EOS: two
 tokens, the first from the prefill) never drafts and never pays the catch-up, a suite of three-token answers
 drafts nowhere, and an answer of a length seen before skips drafting at its last step; an answer longer than any
 recent one always drafts. (Measured on the testbed, flash, fp32, `scripts/short_answer_rule.py`: not drafting at
@@ -34,6 +35,10 @@ WARMUP = 2             # steps of each arm before exploiting
 SMOOTHING = 0.3        # weight of the newest measurement in the moving average
 LENGTH_DECAY = 0.6     # weight of an answer length per newer answer since (two short answers outweigh the past)
 LENGTH_MEMORY = 32     # answer lengths remembered
+# the share of recent answers that must go on for two more tokens before a row drafts: at a row's first drafting
+# step, which also pays the drafter's catch-up over the prompt (about half a target step on the testbed), and after
+FIRST_DRAFT_SHARE = 0.75
+DRAFT_SHARE = 0.5
 
 
 def smaller_tree(tree: TreeConfig) -> TreeConfig:
@@ -64,15 +69,16 @@ class TreeBudget:
         """Record the length of a finished answer."""
         self.lengths.appendleft(new_tokens)
 
-    def continues(self, emitted: int) -> bool:
-        """Whether an unfinished answer of `emitted` tokens is worth drafting for: the recent answers that reached
-        emitted + 1 tokens mostly reached emitted + 2 (weights LENGTH_DECAY^age); True when none reached it."""
+    def continues(self, emitted: int, first: bool = False) -> bool:
+        """Whether an unfinished answer of `emitted` tokens is worth drafting for: of the recent answers that reached
+        emitted + 1 tokens (weights LENGTH_DECAY^age), at least DRAFT_SHARE reached emitted + 2 (FIRST_DRAFT_SHARE
+        when the row has not drafted yet: `first`); True when none reached emitted + 1."""
         reached = longer = 0.0
         for age, length in enumerate(self.lengths):
             weight = LENGTH_DECAY ** age
             reached += weight * (length >= emitted + 1)
             longer += weight * (length >= emitted + 2)
-        return reached == 0 or longer >= 0.5 * reached
+        return reached == 0 or longer >= (FIRST_DRAFT_SHARE if first else DRAFT_SHARE) * reached
 
     def choose(self, batch: int) -> int:
         """The arm index for the next step at this batch size."""

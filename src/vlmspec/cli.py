@@ -27,8 +27,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tree", default=None,
                         help="draft tree: auto (the tree expected fastest on this machine, from a cached c(k) probe "
                              "and the checkpoint's acceptance profile), recommended (the checkpoint's own tree), or "
-                             "explicit, e.g. kind=dynamic,depth=6,topk=8,total=32 (default: recommended for a "
-                             "checkpoint, kind=dynamic,depth=6,topk=8,total=32 for an untrained drafter)")
+                             "explicit, e.g. kind=dynamic,depth=6,topk=8,total=32 (default: auto for a checkpoint, "
+                             "kind=dynamic,depth=6,topk=8,total=32 for an untrained drafter)")
     parser.add_argument("--dtype", default="fast",
                         help="fast (default: bf16 where the device computes bf16 natively, a GPU with bf16 or a CPU "
                              "with AVX512-BF16 or AMX, else fp32), fp32, bf16, fp16, or checkpoint (its own dtype)")

@@ -267,6 +267,8 @@ class Engine:
         if drafter is not None:
             configs = [self._row_tree(request, tree_config) for request in rows]
             drafted = self.draft_batch.propose(configs, [request.child_scores for request in rows])
+            for request, config in zip(rows, configs):
+                request.drafted = request.drafted or config is not None
         trees = [tree if tree is not None else Tree.root_only(torch.tensor([request.root_token], device=target.device))
                  for tree, request in zip(drafted, rows)]
         draft_seconds = time.perf_counter() - start
@@ -306,14 +308,14 @@ class Engine:
         if arm is not None:
             self.budget.record(len(rows), arm, step_tokens, elapsed)
 
-
     def _row_tree(self, request: Request, tree: TreeConfig | None) -> TreeConfig | None:
         """A row's tree this step: none where drafting cannot win (fewer than two tokens left to the budget, or
         recent answers say this one is about to end: `TreeBudget.continues`), else `tree` no deeper than the
         tokens left."""
         emitted = len(request.token_ids)
         left = request.max_new_tokens - emitted
-        if tree is None or left < 2 or (self.budget is not None and not self.budget.continues(emitted)):
+        if tree is None or left < 2 or (self.budget is not None and
+                                          not self.budget.continues(emitted, first=not request.drafted)):
             return None
         return tree if tree.depth < left else dataclasses.replace(tree, depth=left - 1)
 

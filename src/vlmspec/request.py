@@ -119,6 +119,7 @@ class Request:
         self.error: str | None = None             # why the engine failed this request (finish_reason "error")
         self.cancel_requested = False
         self.root_token = -1                     # the last verified token: the next tree's root
+        self.drafted = False                     # a step of this request has drafted (the drafter caught up)
         self.draft_state: Any = None
         self._text = ""
         self._queue: queue.Queue = queue.Queue()

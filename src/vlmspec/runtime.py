@@ -2,9 +2,8 @@
 
 `--tree` takes an explicit tree (`TreeConfig.parse`), `auto` (the tree `vlmspec.autotree` expects to run fastest on
 this machine, from the probed c(k) and the checkpoint's acceptance profile) or `recommended` (the checkpoint's own
-tree). Unset: the checkpoint's recommended tree (its tuned tree; measured faster than `auto` on the testbed's
-short answers, docs/drafters.md), the default tree for an untrained drafter. Only the tree's shape changes, so
-every choice is lossless.
+tree). Unset: `auto` for a checkpoint (its recommended tree when it has no acceptance profile), the default tree
+for an untrained drafter. Only the tree's shape changes, so every choice is lossless.
 """
 
 from __future__ import annotations
@@ -95,7 +94,7 @@ def checkpoint_profile(name: str) -> AcceptanceProfile | None:
 def auto_tree(target: Target, name: str, drafter: Drafter, batch: int = 1) -> TreeConfig | None:
     """`--tree auto` for drafter `name`; None when the drafter has no acceptance profile. c_draft: the profile's
     draft forward / c(1) ratio times this machine's c(1), else the drafter's parameters over the target's (the
-    lm_head it borrows included) times c(1)."""
+    lm_head it borrows included) times c(1); c_node from the profile's node ratio (`autotree.node_cost`)."""
     from vlmspec.probe import target_costs
 
     profile = checkpoint_profile(name) if is_checkpoint(name) else None
@@ -117,7 +116,7 @@ def resolve_tree(spec: str | None, target: Target, name: str, drafter: Drafter |
     if drafter is None:
         return TreeConfig()
     if spec is None:
-        spec = "recommended"
+        spec = "auto"
     if spec == "auto":
         return auto_tree(target, name, drafter) or recommended or TreeConfig()
     if spec == "recommended":

@@ -97,7 +97,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--temperatures", default="0", help="comma-separated, e.g. 0,1 (0 = greedy)")
     parser.add_argument("--tree", default=None,
                         help="draft tree for every drafter arm: auto, recommended, or explicit, e.g. "
-                             "kind=dynamic,depth=6,topk=8,total=32 (default: recommended for checkpoints, the default "
+                             "kind=dynamic,depth=6,topk=8,total=32 (default: auto for checkpoints, the default "
                              "tree for untrained types; see `vlmspec generate --help`)")
     parser.add_argument("--trees", default="", metavar="TREE;TREE…",
                         help="run every drafter arm under each of these trees, as arms 'DRAFTER [TREE]' (compare "

@@ -111,10 +111,11 @@ def speedup(arm: list[Record], plain: list[Record],
 
 
 def divergence_rate(arm: list[Record], plain: list[Record]) -> float | None:
-    """Fraction of samples whose tokens differ from plain decoding's (greedy only; sampling runs differ anyway)."""
+    """Fraction of samples whose tokens differ from plain decoding's (same seed; None for a peer's sampled runs,
+    which draw their own random streams)."""
     base = {r["id"]: r["token_ids"] for r in ok(plain)}
     pairs = [(r["token_ids"], base[r["id"]]) for r in ok(arm) if r["id"] in base]
-    if not pairs or any(r["temperature"] != 0 for r in arm):
+    if not pairs or any(r["temperature"] != 0 and r.get("kind") == "peer" for r in arm):
         return None
     return sum(a != b for a, b in pairs) / len(pairs)
 

@@ -277,14 +277,17 @@ def run_sample(arms: list[Arm], target: Target, sample: SuiteSample, temperature
             result = arm.run(inputs, config.max_new_tokens, temperature, seed, on_piece)
             if arm.name == "none":
                 plain_tokens = result["token_ids"]
-            greedy_ok = temperature == 0 and result["status"] == "ok" and plain_tokens is not None
-            divergence = metrics.first_divergence(result["token_ids"], plain_tokens) if greedy_ok else None
+            # plain and our arms choose every token by the same seeded rule (`verify.Sampler`), so their outputs
+            # match at any temperature; peers sample with their own random streams
+            comparable = (result["status"] == "ok" and plain_tokens is not None
+                          and (temperature == 0 or arm.kind == "vlmspec"))
+            divergence = metrics.first_divergence(result["token_ids"], plain_tokens) if comparable else None
             grounded = grounded_mask(target.tokenizer, result["token_ids"], words) \
                 if words and result["status"] == "ok" else None
             lines.append({"suite": sample.suite, "id": sample.id, "category": sample.category, "arm": arm.name,
                           "kind": arm.kind, "temperature": temperature, "seed": seed,
                           "prompt_tokens": int(inputs["input_ids"].shape[1]), **result,
-                          "diverged": (divergence is not None) if greedy_ok else None,
+                          "diverged": (divergence is not None) if comparable else None,
                           "first_divergence": divergence, "grounded": grounded})
     return lines
 
