@@ -17,7 +17,7 @@ of the entry's token, M-RoPE included). Decode-time entries are text and continu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -41,7 +41,8 @@ class FeatureDraftState(DraftState):
     context: Tensor | None = None                # [H] context term of every decode-time pair (None: none)
     catchup: Tensor | None = None                # [n, X] draft inputs of verified entries not yet in the cache …
     catchup_positions: Tensor | None = None      # … and their positions [n] ([3, n] for M-RoPE)
-    prompt: Callable[[], tuple] | None = None    # the prompt's entries, computed when first needed (`ready`)
+    prompt: Callable[[], tuple] | None = None    # the prompt's entries, computed when first needed (`ready`) …
+    deferred: list = field(default_factory=list)  # … and the (tokens, features) verified before that
 
 
 class FeatureDrafter(Drafter):
@@ -89,13 +90,15 @@ class FeatureDrafter(Drafter):
         return FeatureDraftState(root=first_token, cache=self.decoder.new_decode_cache(),
                                  prompt=lambda: self.prompt_entries(prefill, first_token))
 
-    @staticmethod
-    def ready(state: FeatureDraftState) -> None:
-        """Compute the prompt's entries if not done yet: a one-word answer that ends before any drafting (the
-        engine's short-answer rule) never pays for them."""
+    def ready(self, state: FeatureDraftState) -> None:
+        """Compute the prompt's entries, and the inputs of what was verified since, if not done yet: an answer that
+        ends before any drafting (the engine does not draft where answers are about to end) never pays for them."""
         if state.prompt is not None:
             state.catchup, state.catchup_positions, state.context = state.prompt()
             state.prompt = None
+            for tokens, features in state.deferred:
+                self._extend_catchup(state, tokens, features)
+            state.deferred = []
 
     def new_batch(self) -> "FeatureDraftBatch":
         return FeatureDraftBatch(self)
@@ -107,10 +110,18 @@ class FeatureDrafter(Drafter):
         return FeatureDraftBatch(self, state.cache, [state]).propose([tree_config], [scores])[0]
 
     def accept(self, state: FeatureDraftState, tree: Tree, path: list[int], verified, bonus: int) -> None:
-        self.ready(state)
-        state.cache.keep(state.row, state.length, [])                          # drop the drafted nodes
         tokens = torch.tensor([tree.tokens[0, path[1:]].tolist() + [bonus]], device=tree.tokens.device)
-        features = self.input_features(verified.hidden_states)[:, path]        # [1, k+1, H]
+        features = self.input_features(verified.hidden_states)[:, path]        # [1, k+1, H] (a copy)
+        state.root = bonus
+        if state.prompt is not None:                    # nothing drafted yet: wait for the prompt's entries
+            state.deferred.append((tokens, features))
+            return
+        state.cache.keep(state.row, state.length, [])                          # drop the drafted nodes
+        self._extend_catchup(state, tokens, features)
+
+    def _extend_catchup(self, state: FeatureDraftState, tokens: Tensor, features: Tensor) -> None:
+        """Append the inputs of verified tokens [1, n] with the target's features before them [1, n, H] to the
+        entries the next step catches up on."""
         context = None if state.context is None else state.context.expand(tokens.shape[1], -1)[None]
         inputs = self.text_inputs(tokens, features, context)[0]                # [k+1, X]
         if state.catchup is None:
@@ -122,7 +133,6 @@ class FeatureDrafter(Drafter):
             inputs = torch.cat([state.catchup, inputs])
             positions = torch.cat([state.catchup_positions, positions], dim=-1)
         state.catchup, state.catchup_positions = inputs, positions
-        state.root = bonus
 
 
 class FeatureDraftBatch(DraftBatch):
