@@ -13,12 +13,10 @@ token is what the step emits anyway), and a row's first drafting step also pays 
 whole prompt. The budget remembers the lengths of recent answers (newer ones weigh more) and a row that has emitted
 m tokens drafts only while at least half of the recent answers that reached m + 1 tokens reached m + 2 (three
 quarters before its first drafting step, which also pays the catch-up) (`continues`); else it verifies its root
-alone, as plain decoding does. So a one-word answer (a word and EOS: two
-tokens, the first from the prefill) never drafts and never pays the catch-up, a suite of three-token answers
-drafts nowhere, and an answer of a length seen before skips drafting at its last step; an answer longer than any
-recent one always drafts. (Measured on the testbed, flash, fp32, `scripts/short_answer_rule.py`: not drafting at
-the first step takes the two-token suites from 0.62–0.66× to 1.10–1.12× plain, a depth-2 chain instead keeps them
-at 0.60–0.70×, and on four-token and longer answers skipping it costs 10–40 %, hence the lengths; docs/engine.md.)
+alone, as plain decoding does. So among one-word answers (a word and EOS: two tokens, the first from the prefill)
+no row drafts or pays the catch-up, among three-token answers a row drafts at its first step only, and an answer
+of a length seen before skips drafting at its last step; an answer longer than any recent one always drafts.
+(Measured on the testbed, flash, fp32: docs/engine.md, `scripts/short_answer_rule.py`.)
 
 Every row follows the budget, greedy or sampled: a row's tokens never depend on its tree (`verify.Sampler`: a
 sampled row's noise is fixed by its seed per answer position), so the budget changes speed, never output.
@@ -36,7 +34,7 @@ SMOOTHING = 0.3        # weight of the newest measurement in the moving average
 LENGTH_DECAY = 0.6     # weight of an answer length per newer answer since (two short answers outweigh the past)
 LENGTH_MEMORY = 32     # answer lengths remembered
 # the share of recent answers that must go on for two more tokens before a row drafts: at a row's first drafting
-# step, which also pays the drafter's catch-up over the prompt (about half a target step on the testbed), and after
+# step, which also pays the drafter's catch-up over the prompt (about half a target step on the testbed), and later
 FIRST_DRAFT_SHARE = 0.75
 DRAFT_SHARE = 0.5
 
