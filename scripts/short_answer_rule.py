@@ -18,7 +18,7 @@ import torch
 from vlmspec import Generator, Target
 from vlmspec.bench.suites import read_suite
 from vlmspec.budget import TreeBudget
-from vlmspec.runtime import open_drafter
+from vlmspec.runtime import open_drafter, resolve_tree
 from vlmspec.testbed.data import default_suite
 from vlmspec.tree import TreeConfig
 
@@ -30,7 +30,7 @@ class PinnedBudget(TreeBudget):
         super().__init__(tree)
         self._rule = rule
 
-    def continues(self, emitted: int) -> bool:
+    def continues(self, emitted: int, first: bool = False) -> bool:
         return self._rule(emitted)
 
 
@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     args = parser.parse_args()
     target = Target.from_pretrained(args.target, dtype=args.dtype)
-    drafter, tree = open_drafter(args.drafter, target)
+    drafter, recommended = open_drafter(args.drafter, target)
+    tree = resolve_tree(None, target, args.drafter, drafter, recommended)          # the default: --tree auto
     print(f"{args.drafter}, tree {tree.to_dict()}, {target.dtype}, {torch.get_num_threads()} thread(s)")
     print("| suite | tokens | " + " | ".join(RULES) + " |\n|---|---|" + "---|" * len(RULES))
     for suite in args.suites.split(","):
