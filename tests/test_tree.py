@@ -36,7 +36,6 @@ def test_derived_views_of_hand_built_tree():
     assert tree.leaf_paths(0) == [[0, 2], [0, 1, 4], [0, 1, 3, 5]]
     assert tree.children(0, 1) == [3, 4]
     assert tree.path_to(0, 5) == [0, 1, 3, 5]
-    assert tree.children_table().tolist() == [[[1, 2], [3, 4], [-1, -1], [5, -1], [-1, -1], [-1, -1]]]
 
 
 def test_stack_pads_smaller_tree():

@@ -187,19 +187,6 @@ class Tree:
         has_child = set(self.parents[b, :n].tolist())
         return [self.path_to(b, i) for i in range(n) if i not in has_child]
 
-    def children_table(self) -> Tensor:
-        """[B, N, C] long: [b, i, s] = index of the s-th child (draw order) of node i, -1 past the last child;
-        C = the largest number of children of any node (at least 1)."""
-        B, N = self.parents.shape
-        idx = torch.arange(N, device=self.parents.device)  # [N]
-        same_parent = (self.parents[:, :, None] == self.parents[:, None, :]) & (self.parents[:, :, None] >= 0)  # [B, N, N]
-        sibling_rank = (same_parent & (idx[None, None, :] < idx[None, :, None])).sum(-1)  # [B, N]
-        C = int(sibling_rank.max()) + 1
-        table = torch.full((B, N, C), -1, dtype=torch.long, device=self.parents.device)  # [B, N, C]
-        b, j = torch.nonzero(self.parents >= 0, as_tuple=True)  # [M], [M] every non-root real node
-        table[b, self.parents[b, j], sibling_rank[b, j]] = j
-        return table
-
 
 def static_shape(depth: int, topk: int, total_tokens: int) -> list[tuple[int, ...]]:
     """The fixed node set of a static tree, as sibling-rank paths (root = (), excluded), parents first.
