@@ -13,7 +13,6 @@ from vlmspec import probe
 from vlmspec.autotree import SLACK, AcceptanceProfile, candidates, choose_tree, evaluate, expected_shape, monotone, \
     profile_from_summary, with_min_prob
 from vlmspec.runtime import checkpoint_profile, check_tree, resolve_tree
-from vlmspec.testing import save_tiny_model
 from vlmspec.tree import TreeConfig
 
 FLAT = {1: 1.0, 64: 1.0}
@@ -150,11 +149,6 @@ def test_profile_from_a_tune_summary():
 
 
 # ---------------------------------------------------------------- probe and load-time resolution
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("model"), "llava", lm_head_scale=10.0)
-
 
 def test_probe_caches_per_machine_target_and_dtype(tiny, tmp_path, monkeypatch):
     calls = []

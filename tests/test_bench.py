@@ -16,7 +16,6 @@ from vlmspec.bench.peers import PEERS, Peer
 from vlmspec.bench.runner import BenchConfig, encode, run_bench
 from vlmspec.bench.suites import read_suite
 from vlmspec.cli import main
-from vlmspec.testing import save_tiny_model
 
 RECORD_KEYS = {"suite", "id", "category", "arm", "kind", "temperature", "seed", "prompt_tokens", "status", "error",
                "token_ids", "new_tokens", "target_forwards", "seconds", "prefill_seconds", "decode_seconds",
@@ -26,11 +25,6 @@ ROW_KEYS = {"arm", "kind", "suite", "temperature", "samples", "ok_samples", "sta
             "decode_seconds", "tokens_per_second", "speedup", "tau", "tau_minus_1_per_step", "acceptance_by_depth",
             "divergence_rate", "draft_share", "verify_share", "c_draft_step", "c_verify_step", "mean_tree_nodes",
             "draft_forwards_per_step", "ideal_speedup", "efficiency"}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("model"), "llava", lm_head_scale=10.0)
 
 
 @pytest.fixture(scope="module")

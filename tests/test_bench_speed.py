@@ -12,12 +12,7 @@ from PIL import Image
 from vlmspec.bench import metrics
 from vlmspec.bench.grounding import ground_truth_words, grounded_mask
 from vlmspec.bench.runner import BenchConfig, run_bench
-from vlmspec.testing import build_tokenizer, save_tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("model"), "llava", lm_head_scale=10.0)
+from vlmspec.testing import build_tokenizer
 
 
 @pytest.fixture(scope="module")

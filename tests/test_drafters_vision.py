@@ -159,7 +159,7 @@ def test_flash_head_level_equals_the_training_head(any_target):
         count = layout.index.shape[1]
         tokens = layout.gather(pairs.tokens)
         predicted = step(tokens, layout.gather(pairs.features), layout.positions,
-                         catch_up_mask(torch.tensor([0]), count, torch.float32), None)                 # [1, M, H]
+                         catch_up_mask([0], count, torch.float32, "cpu"), None)                         # [1, M, H]
         trained = original(1, tokens[:, -1:], predicted[:, -2:-1])[0, 0]                   # the node's pair
     torch.testing.assert_close(calls[0][0, 0], trained, atol=1e-4, rtol=1e-4)
 
@@ -196,7 +196,7 @@ def test_decode_features_equal_the_training_forward(any_target, name, options, m
     count = layout.index.shape[1]
     with torch.no_grad():
         predicted = step(layout.gather(pairs.tokens), layout.gather(pairs.features), layout.positions,
-                         catch_up_mask(torch.tensor([0]), count, torch.float32), None)[0]        # [M, H]
+                         catch_up_mask([0], count, torch.float32, "cpu"), None)[0]                # [M, H]
     assert len(recorded) >= 2
     for end, feature in recorded:            # entry end − 1 is the root of that step
         torch.testing.assert_close(feature, predicted[end - 1], atol=1e-4, rtol=1e-4)

@@ -23,8 +23,9 @@ The model (docs/drafters.md, "`--tree auto`"):
   forward scales with batch as the target's does), shared by the B rows, plus c_node per drafted node (choosing
   children, the head and masks for it: bookkeeping that grows with the tree, not with the batch). F = depth levels
   / the drafter's tokens per forward. (Measured for `testbed:flash` in fp32 on the 2-core AVX2 VM, seven trees from
-  a depth-3 chain to 24-node dynamic trees: c_draft per step ≈ 2.8 ms per draft forward + 0.17 ms per node, 0.7 ms
-  rms error; without the node term a 20-node tree's drafting was priced at half what it took.)
+  a depth-3 chain to 24-node dynamic trees, fitted by `profile_from_summary`: 0.148·c(1) = 2.0 ms per draft
+  forward, catch-up included, + 0.0137·c(1) = 0.19 ms per drafted node; docs/drafters.md has the command. Without
+  the node term a 20-node tree's drafting was priced at half what it took.)
 - **Expected tokens per second per request** = (1 + E[accepted]) / (cost of a step per request). Plain decoding
   makes c(B)/B per token, so the expected speedup is that rate × c(B)/B.
 - **Choice**: every candidate with its break-even `min_prob` (below); among those within `SLACK` (5 %) of the best

@@ -273,8 +273,7 @@ class Engine:
                  for tree, request in zip(drafted, rows)]
         draft_seconds = time.perf_counter() - start
         verify_start = time.perf_counter()
-        stacked = Tree.stack([Tree(t.tokens, t.parents, t.num_nodes) for t in trees])
-        verified = target.verify(self.state, stacked)
+        verified = target.verify(self.state, Tree.stack(trees))
         results = []
         for row, (request, tree) in enumerate(zip(rows, trees)):
             scores = request.target_scores(verified.logits[row, : tree.max_nodes], tree.depths()[0])

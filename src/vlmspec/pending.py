@@ -32,13 +32,12 @@ class PendingNodes:
 
     def add(self, tokens: Tensor, parents: Tensor) -> Tensor:
         """Append nodes `tokens` [B, n] with `parents` [B, n] (indices into the pending list after the append,
-        each before its child, -1 for none). Returns the new nodes' depths [B, n]. One batched update per new
-        node (a parent's row is complete before its child's), no host sync."""
+        -1 for none; every parent comes before its child, as in a `Tree` and in `TreeBuilder` order). Returns the
+        new nodes' depths [B, n]. One batched update per new node (a parent's row is complete before its child's),
+        no host sync."""
         batch, count = tokens.shape
         old, total = len(self), len(self) + count
         parents = parents.to(self.parents)
-        if count and bool((parents >= torch.arange(old, total, device=parents.device)).any()):
-            raise ValueError("a pending node's parent must come before it")
         ancestors = torch.zeros(batch, total, total, dtype=torch.bool, device=tokens.device)
         ancestors[:, :old, :old] = self.ancestors
         depths = torch.cat([self.depths, torch.zeros_like(tokens)], dim=1)                 # [B, total]
@@ -60,7 +59,7 @@ class PendingNodes:
         batch, total = self.tokens.shape
         device = self.tokens.device
         lengths = torch.as_tensor(prefix, dtype=torch.long, device=device).expand(batch)          # [B]
-        span = int(lengths.max()) + total
+        span = (prefix if isinstance(prefix, int) else max(prefix)) + total                      # no host sync
         visible = torch.arange(span, device=device)[None, None, :] < lengths[:, None, None]      # [B, 1, span]
         visible = visible.expand(batch, count, span).clone()                                    # [B, count, span]
         slots = (lengths[:, None] + torch.arange(total, device=device))[:, None, :]             # [B, 1, P]

@@ -139,7 +139,9 @@ class Request:
         """The target's logits [n, V] after nodes of these tree depths → what the request chooses by."""
         if self.sampling.greedy:
             return logits
-        return self.sampler.scores(logits, [len(self.token_ids) + int(depth) for depth in depths])
+        if isinstance(depths, torch.Tensor):
+            depths = depths.tolist()                                             # one host read, not one per node
+        return self.sampler.scores(logits, [len(self.token_ids) + depth for depth in depths])
 
     def emit(self, tokens: list[int], sources: list[int], eos: set[int], tokenizer: Any) -> None:
         """Append tokens up to an EOS, a stop string or the budget (setting `finish_reason`), and publish them."""

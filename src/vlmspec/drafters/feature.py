@@ -179,14 +179,14 @@ class FeatureDraftBatch(DraftBatch):
         counts = [state.catchup.shape[0] if go else 0 for state, go in zip(states, drafting)]
         width = max(counts)
         sample = next(state.catchup for state, go in zip(states, drafting) if go)
-        lengths = torch.tensor([state.length for state in states], device=sample.device)          # [B]
+        lengths = [state.length for state in states]
         x = sample.new_zeros(len(states), width, sample.shape[-1])                                  # [B, n, X]
         positions = torch.zeros(*sample_axes(states), len(states), width, dtype=torch.long, device=sample.device)
         for row, (state, count) in enumerate(zip(states, counts)):
             if count:
                 x[row, :count] = state.catchup
                 positions[..., row, :count] = state.catchup_positions
-        mask = catch_up_mask(lengths, width, x.dtype)                                             # [B, 1, n, span]
+        mask = catch_up_mask(lengths, width, x.dtype, x.device)                                   # [B, 1, n, span]
         out = self.drafter.decoder(x, positions, mask, self.cache)                               # [B, n, H]
         roots: list[Tensor | None] = []
         for row, (state, count) in enumerate(zip(states, counts)):
@@ -209,16 +209,14 @@ class FeatureDraftBatch(DraftBatch):
         width = max(len(row) for row in tokens)
         sample = next(feature for feature in features if feature is not None)
         device = sample.device
-        token_tensor = torch.zeros(len(states), width, dtype=torch.long, device=device)            # [B, n]
-        parent_tensor = torch.full((len(states), width), -1, dtype=torch.long, device=device)      # [B, n]
+        token_tensor = torch.tensor([row + [0] * (width - len(row)) for row in tokens], device=device)      # [B, n]
+        parent_tensor = torch.tensor([row + [-1] * (width - len(row)) for row in parents], device=device)  # [B, n]
         inputs = sample.new_zeros(len(states), width, sample.shape[-1])                             # [B, n, H]
         context = None
         if any(state.context is not None for state in states):
             context = sample.new_zeros(len(states), width, sample.shape[-1])
-        for row, (state, row_tokens, row_features, row_parents) in enumerate(zip(states, tokens, features, parents)):
+        for row, (state, row_tokens, row_features) in enumerate(zip(states, tokens, features)):
             if row_tokens:
-                token_tensor[row, : len(row_tokens)] = torch.tensor(row_tokens, device=device)
-                parent_tensor[row, : len(row_tokens)] = torch.tensor(row_parents, device=device)
                 inputs[row, : len(row_tokens)] = row_features
                 state.forwards += 1
             if context is not None and state.context is not None:
@@ -242,14 +240,15 @@ def sample_axes(states: Sequence[FeatureDraftState]) -> tuple[int, ...]:
     return ()
 
 
-def catch_up_mask(lengths: Tensor, width: int, dtype: torch.dtype) -> Tensor:
-    """Additive mask [B, 1, width, max(lengths) + width]: row b's new entry i sees row b's committed prefix
-    (lengths[b] entries) and its new entries up to i."""
-    span = int(lengths.max()) + width
-    column = torch.arange(span, device=lengths.device)                        # [span]
-    entry = torch.arange(width, device=lengths.device)                        # [n]
+def catch_up_mask(committed: Sequence[int], width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Additive mask [B, 1, width, max(committed) + width]: row b's new entry i sees row b's committed prefix
+    (committed[b] entries) and its new entries up to i."""
+    span = max(committed) + width
+    lengths = torch.tensor(committed, device=device)                          # [B]
+    column = torch.arange(span, device=device)                                # [span]
+    entry = torch.arange(width, device=device)                                # [n]
     prefix = column[None, None, :] < lengths[:, None, None]                   # [B, 1, span]
     new = column[None, None, :] - lengths[:, None, None]                      # [B, 1, span]: index among new entries
     visible = prefix | ((new >= 0) & (new <= entry[None, :, None]))           # [B, n, span]
-    mask = torch.zeros(visible.shape, dtype=dtype, device=lengths.device).masked_fill(~visible, torch.finfo(dtype).min)
+    mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
     return mask[:, None]
