@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from vlmspec import Engine, Generator, RequestCancelled, Target, TreeConfig, available_drafters, build_drafter
+from vlmspec.budget import TreeBudget
 from vlmspec.testing import FAMILIES, compare_greedy, random_image, save_tiny_model
 from vlmspec.verify import Sampler, SamplingConfig, target_probs
 
@@ -119,6 +120,37 @@ def test_short_answer_rule_changes_no_output(family_setup):
                               sampler=sampler_of(kwargs)) == "different":
                 failures.append((family, name, index, result.token_ids, reference))
     assert not failures, failures[:3]
+
+
+class LateDrafting(TreeBudget):
+    """A budget that always runs the configured tree at batch > 1 and lets a row draft only from its third token on,
+    whatever the timings: rows that have not drafted yet share steps with rows that draft."""
+
+    def choose(self, batch: int) -> int:
+        return 0
+
+    def continues(self, emitted: int, first: bool = False) -> bool:
+        return emitted >= 3
+
+
+def test_draft_cache_rows_stay_in_step_with_their_states(family_setup):
+    """After every step, each feature drafter's cache row holds exactly its state's committed entries, also for rows
+    that did not draft while a batch-mate did (its draft levels pad every row): a stale row end would put the next
+    catch-up's entries where the mask and the keep do not look (CI once caught it as a mask of the wrong width)."""
+    family, directory, target, requests, references = family_setup
+    tree = TreeConfig("dynamic", depth=3, topk=2, total_tokens=6)
+    for name, drafter in drafters_of(target, directory).items():
+        if not hasattr(drafter, "decoder"):                       # prompt-lookup, draft-model: no shared draft cache
+            continue
+        engine = Engine(target, drafter, tree, max_batch=3, budget=LateDrafting(tree))
+        handles = [engine.submit_inputs(inputs, kwargs["max_new_tokens"], SamplingConfig(), stop=kwargs.get("stop", ()))
+                   for kwargs, (inputs, _) in zip(requests, references)]
+        while engine.step():
+            states = engine.draft_batch.states
+            assert [state.cache.ends[state.row] for state in states] == [state.length for state in states], name
+        for kwargs, handle, (inputs, reference) in zip(requests, handles, references):
+            if sampler_of(kwargs) is None:
+                assert compare_greedy(target.model, inputs, handle.result().token_ids, reference) != "different"
 
 
 def short_answers(budget) -> None:

@@ -113,10 +113,10 @@ class FeatureDrafter(Drafter):
         tokens = torch.tensor([tree.tokens[0, path[1:]].tolist() + [bonus]], device=tree.tokens.device)
         features = self.input_features(verified.hidden_states)[:, path]        # [1, k+1, H] (a copy)
         state.root = bonus
+        state.cache.keep(state.row, state.length, [])   # drop the drafted nodes (or its batch-mates' padding)
         if state.prompt is not None:                    # nothing drafted yet: wait for the prompt's entries
             state.deferred.append((tokens, features))
             return
-        state.cache.keep(state.row, state.length, [])                          # drop the drafted nodes
         self._extend_catchup(state, tokens, features)
 
     def _extend_catchup(self, state: FeatureDraftState, tokens: Tensor, features: Tensor) -> None:
