@@ -12,7 +12,8 @@ from vlmspec import Generator, Target, build_drafter, save_drafter
 from vlmspec import probe
 from vlmspec.autotree import SLACK, AcceptanceProfile, candidates, choose_tree, evaluate, expected_shape, monotone, \
     profile_from_summary, with_min_prob
-from vlmspec.runtime import checkpoint_profile, check_tree, resolve_tree
+from vlmspec.budget import arm_name
+from vlmspec.runtime import checkpoint_profile, check_tree, resolve_tree, tree_picker
 from vlmspec.tree import TreeConfig
 
 FLAT = {1: 1.0, 64: 1.0}
@@ -183,11 +184,21 @@ def test_tree_auto_resolves_at_load_and_stays_lossless(tiny, tmp_path, monkeypat
     assert resolve_tree("recommended", target, str(checkpoint), drafter, recommended) == recommended
     assert resolve_tree("kind=chain,depth=3", target, "eagle", drafter, None) == TreeConfig(kind="chain", depth=3)
     assert resolve_tree(None, target, "eagle", drafter, None) == TreeConfig()   # untrained type: the default
+    pick = tree_picker(None, target, str(checkpoint), drafter)                  # under load: re-picked per batch
+    assert pick(1) == auto and pick(16) == choose_tree(probe.target_costs(target), 0.05, profile, batch=16).tree
+    assert tree_picker("recommended", target, str(checkpoint), drafter) is None
+    assert tree_picker(None, target, str(checkpoint), None) is None
     with pytest.raises(ValueError, match="tree kind"):
         check_tree("kind=bush")
     prompt = "the cat sat on the mat"
     plain = Generator(target, None).generate(prompt=prompt, max_new_tokens=12)
     assert Generator(target, drafter, auto).generate(prompt=prompt, max_new_tokens=12).token_ids == plain.token_ids
+    prompts = [prompt, "a red circle", "two blue squares on a mat"]
+    generator = Generator(target, drafter, auto, pick_tree=pick)
+    batch = generator.generate_batch([{"prompt": p, "max_new_tokens": 12} for p in prompts], max_batch=3)
+    assert [r.token_ids for r in batch] == [Generator(target, None).generate(prompt=p, max_new_tokens=12).token_ids
+                                            for p in prompts]
+    assert pick(4) != auto and arm_name(pick(4)) in generator.budget.rates()[4]   # batch 3 ran the tree picked for it
 
 
 def test_tune_shows_the_tree_auto_resolved_to():

@@ -10,11 +10,33 @@ TREE = TreeConfig("dynamic", depth=6, topk=4, total_tokens=24)
 
 def test_arms_are_the_tree_a_smaller_one_and_none():
     budget = TreeBudget(TREE)
-    assert budget.arms == [TREE, smaller_tree(TREE), None]
+    assert budget.arms(1) == budget.arms(16) == [TREE, smaller_tree(TREE), None]
     assert smaller_tree(TREE).depth == 3 and smaller_tree(TREE).total_tokens == 12
-    assert TreeBudget(TreeConfig("chain", depth=1, total_tokens=1)).arms == [TreeConfig("chain", depth=1,
-                                                                                          total_tokens=1), None]
+    assert TreeBudget(TreeConfig("chain", depth=1, total_tokens=1)).arms(8) == [TreeConfig("chain", depth=1,
+                                                                                            total_tokens=1), None]
     assert [bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
+
+
+def chain(depth: int) -> TreeConfig:
+    return TreeConfig("chain", depth=depth, total_tokens=1)
+
+
+def test_each_bucket_starts_from_the_tree_picked_for_its_batch_size():
+    picked = []
+
+    def pick(batch: int) -> TreeConfig | None:
+        picked.append(batch)
+        return None if batch == 2 else chain(max(1, 12 // batch))
+
+    budget = TreeBudget(TREE, pick=pick)
+    assert budget.arms(1)[0] == TREE                               # batch 1 runs the configured tree, unpicked
+    assert budget.arms(2)[0] == TREE                               # no pick for this size: the configured tree
+    assert budget.arms(5) == [chain(1), None] == budget.arms(8)    # bucket 5–8: picked at 8
+    assert budget.arms(16)[0] == chain(1)
+    run(budget, 4, {0: 50.0, 1: 80.0, 2: 60.0}, 12)
+    assert budget.arms(3) == [chain(3), chain(1), None]
+    assert picked == [2, 8, 16, 4]                                 # once per bucket
+    assert set(budget.rates()[4]) == {"chain/d3", "chain/d1", "none"}
 
 
 def run(budget: TreeBudget, batch: int, rates: dict[int, float], steps: int) -> list[int]:

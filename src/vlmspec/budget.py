@@ -1,12 +1,15 @@
 """The per-step tree budget under load: which tree the rows of a batch draft, chosen from measured throughput.
 
 A batched step costs one target forward over every row's tree; c(k) grows with the total node count, so a tree that
-pays at batch 1 can lose at batch 16. The budget tries three arms per batch-size bucket — the configured tree, a
+pays at batch 1 can lose at batch 16. The budget tries three arms per batch-size bucket — the bucket's tree, a
 smaller tree (half the depth and nodes), and no drafting at all (each row verifies its root alone: plain
 decoding) — and keeps, for each, an exponential moving average of the tokens per second that steps with that arm
 delivered (tokens emitted by all rows ÷ the step's wall time, drafting included). After a few steps of each, it
 runs the best arm and re-tries the others every `explore_every` steps, so a change of acceptance or load is
-noticed. The schedule is deterministic given the measurements.
+noticed. The schedule is deterministic given the measurements. The bucket's tree is the configured one, or, with
+`pick` (`--tree auto`: `runtime.tree_picker`), the tree the cost model expects to run fastest at the bucket's batch
+size (`autotree.choose_tree(batch=B)`: shallower and with a higher `min_prob` as the batch grows, since a wider
+forward leaves less for drafted nodes to win back), picked the first time the bucket is seen.
 
 Answers about to end. A step can only gain from drafting if the answer goes on for at least two more tokens (one
 token is what the step emits anyway), and a row's first drafting step also pays the drafter's catch-up over the
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict, deque
+from typing import Callable
 
 from vlmspec.tree import TreeConfig
 
@@ -52,12 +56,13 @@ def bucket(batch: int) -> int:
 class TreeBudget:
     """Measured choice among `arms` (trees; None = no drafting) per batch-size bucket."""
 
-    def __init__(self, tree: TreeConfig, explore_every: int = 16):
-        arms: list[TreeConfig | None] = [tree]
-        if smaller_tree(tree) != tree:
-            arms.append(smaller_tree(tree))
-        self.arms = arms + [None]
+    def __init__(self, tree: TreeConfig, explore_every: int = 16,
+                 pick: Callable[[int], TreeConfig | None] | None = None):
+        """`pick(batch)`: the tree to start from at that batch size (None, or no `pick`: `tree`)."""
+        self.tree = tree
+        self.pick = pick
         self.explore_every = explore_every
+        self._arms: dict[int, list[TreeConfig | None]] = {}          # bucket → its arms
         self._rate: dict[tuple[int, int], float] = {}                 # (bucket, arm) → tokens/s
         self._count: dict[tuple[int, int], int] = defaultdict(int)
         self._steps: dict[int, int] = defaultdict(int)
@@ -78,14 +83,25 @@ class TreeBudget:
             longer += weight * (length >= emitted + 2)
         return reached == 0 or longer >= (FIRST_DRAFT_SHARE if first else DRAFT_SHARE) * reached
 
-    def choose(self, batch: int) -> int:
-        """The arm index for the next step at this batch size."""
+    def arms(self, batch: int) -> list[TreeConfig | None]:
+        """The arms of this batch size's bucket: its tree, a smaller one (if any) and None (no drafting)."""
         group = bucket(batch)
+        if group not in self._arms:
+            tree = (self.pick(group) if self.pick is not None and group > 1 else None) or self.tree
+            arms: list[TreeConfig | None] = [tree]
+            if smaller_tree(tree) != tree:
+                arms.append(smaller_tree(tree))
+            self._arms[group] = arms + [None]
+        return self._arms[group]
+
+    def choose(self, batch: int) -> int:
+        """The index among `arms(batch)` of the arm for the next step at this batch size."""
+        group, arms = bucket(batch), self.arms(batch)
         self._steps[group] += 1
-        untried = [arm for arm in range(len(self.arms)) if self._count[group, arm] < WARMUP]
+        untried = [arm for arm in range(len(arms)) if self._count[group, arm] < WARMUP]
         if untried:
             return untried[0]
-        ranked = sorted(range(len(self.arms)), key=lambda arm: -self._rate[group, arm])
+        ranked = sorted(range(len(arms)), key=lambda arm: -self._rate[group, arm])
         if self._steps[group] % self.explore_every == 0:
             return ranked[1 + (self._steps[group] // self.explore_every) % (len(ranked) - 1)]
         return ranked[0]
@@ -100,7 +116,7 @@ class TreeBudget:
         """Measured tokens/s per bucket and arm (for reports)."""
         out: dict[int, dict[str, float]] = defaultdict(dict)
         for (group, arm), rate in sorted(self._rate.items()):
-            out[group][arm_name(self.arms[arm])] = rate
+            out[group][arm_name(self._arms[group][arm])] = rate
         return dict(out)
 
 

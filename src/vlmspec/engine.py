@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -261,7 +261,7 @@ class Engine:
         target, drafter, rows = self.target, self.drafter, self.running
         start = time.perf_counter()
         arm = self.budget.choose(len(rows)) if self.budget is not None and len(rows) > 1 else None
-        tree_config = self.tree if arm is None else self.budget.arms[arm]
+        tree_config = self.tree if arm is None else self.budget.arms(len(rows))[arm]
         forwards_before = [getattr(request.draft_state, "forwards", 0) for request in rows]
         drafted: list[Tree | None] = [None] * len(rows)
         if drafter is not None:
@@ -331,11 +331,14 @@ class Generator:
     (`generate`, `stream`) or many at once (`generate_batch`, or `engine()` for servers). Re-entrant: every call
     runs on its own `Engine` and gets its own stats."""
 
-    def __init__(self, target: Target, drafter: Drafter | None = None, tree: TreeConfig | None = None):
+    def __init__(self, target: Target, drafter: Drafter | None = None, tree: TreeConfig | None = None,
+                 pick_tree: Callable[[int], TreeConfig | None] | None = None):
+        """`pick_tree(batch)`: the tree to start from at that batch size under load (`TreeBudget`'s `pick`; None:
+        `tree` at every size)."""
         self.target = target
         self.drafter = drafter
         self.tree = tree or TreeConfig()
-        self.budget = TreeBudget(self.tree)          # what the batched steps measured, kept across calls
+        self.budget = TreeBudget(self.tree, pick=pick_tree)    # what the batched steps measured, kept across calls
 
     def engine(self, max_batch: int = 16) -> Engine:
         """A batched engine over this generator's target, drafter and tree."""

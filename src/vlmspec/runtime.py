@@ -3,7 +3,8 @@
 `--tree` takes an explicit tree (`TreeConfig.parse`), `auto` (the tree `vlmspec.autotree` expects to run fastest on
 this machine, from the probed c(k) and the checkpoint's acceptance profile) or `recommended` (the checkpoint's own
 tree). Unset: `auto` for a checkpoint (its recommended tree when it has no acceptance profile), the default tree
-for an untrained drafter. Only the tree's shape changes, so every choice is lossless.
+for an untrained drafter. Under load, `auto` is re-picked per batch size (`tree_picker`, for the engine's
+`TreeBudget`). Only the tree's shape changes, so every choice is lossless.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from vlmspec.autotree import AcceptanceProfile, choose_tree, describe
 from vlmspec.drafters import available_drafters, build_drafter, load_drafter, recommended_tree
@@ -125,10 +126,20 @@ def resolve_tree(spec: str | None, target: Target, name: str, drafter: Drafter |
     return TreeConfig.parse(spec)
 
 
+def tree_picker(spec: str | None, target: Target, name: str,
+                drafter: Drafter | None) -> Callable[[int], TreeConfig | None] | None:
+    """Under `--tree auto` (the default for a checkpoint): the tree to start from at batch size B under load, the
+    auto tree re-picked for B (`auto_tree(batch=B)`, None without a profile); None for any other `--tree`."""
+    if drafter is None or (spec or "auto") != "auto":
+        return None
+    return lambda batch: auto_tree(target, name, drafter, batch)
+
+
 def open_generator(target: str, drafter: str = "none", tree: str | None = None, dtype: str | None = None,
                    drafter_options: Sequence[str] = ()) -> Generator:
     if tree:
         check_tree(tree)
     loaded = Target.from_pretrained(target, dtype=dtype)
     draft, recommended = open_drafter(drafter, loaded, drafter_options)
-    return Generator(loaded, draft, resolve_tree(tree, loaded, drafter, draft, recommended))
+    return Generator(loaded, draft, resolve_tree(tree, loaded, drafter, draft, recommended),
+                     pick_tree=tree_picker(tree, loaded, drafter, draft))

@@ -27,7 +27,7 @@ from vlmspec.bench.peers import Peer, open_peer
 from vlmspec.bench.suites import SuiteSample, load_suites
 from vlmspec.engine import GenerationResult, Generator
 from vlmspec.hardware import native_bf16
-from vlmspec.runtime import check_tree, open_drafter, resolve_tree
+from vlmspec.runtime import check_tree, open_drafter, resolve_tree, tree_picker
 from vlmspec.target import Target
 from vlmspec.target.families import resolve_dtype
 from vlmspec.verify import SamplingConfig
@@ -160,7 +160,8 @@ def open_arms(config: BenchConfig, target: Target) -> list[Arm]:
         for text in config.trees or [(own_tree or [config.tree])[-1]]:
             resolved = resolve_tree(text, target, name, drafter, recommended)
             arm_name = tree_arm_name(name, text) if config.trees else name
-            arms.append(Arm(arm_name, "vlmspec", Generator(target, drafter, resolved), tree=resolved.to_dict()))
+            generator = Generator(target, drafter, resolved, pick_tree=tree_picker(text, target, name, drafter))
+            arms.append(Arm(arm_name, "vlmspec", generator, tree=resolved.to_dict()))
     arms += [Arm(peer.name, "peer", peer=peer) for peer in (open_peer(spec, target) for spec in config.peers)]
     return arms
 
