@@ -21,22 +21,23 @@ def chain(depth: int) -> TreeConfig:
     return TreeConfig("chain", depth=depth, total_tokens=1)
 
 
-def test_each_bucket_starts_from_the_tree_picked_for_its_batch_size():
+def test_each_bucket_also_tries_the_tree_picked_for_its_batch_size():
     picked = []
 
     def pick(batch: int) -> TreeConfig | None:
         picked.append(batch)
-        return None if batch == 2 else chain(max(1, 12 // batch))
+        return {2: None, 8: TREE}.get(batch, chain(max(1, 12 // batch)))
 
     budget = TreeBudget(TREE, pick=pick)
-    assert budget.arms(1)[0] == TREE                               # batch 1 runs the configured tree, unpicked
-    assert budget.arms(2)[0] == TREE                               # no pick for this size: the configured tree
-    assert budget.arms(5) == [chain(1), None] == budget.arms(8)    # bucket 5–8: picked at 8
-    assert budget.arms(16)[0] == chain(1)
+    default = [TREE, smaller_tree(TREE), None]
+    assert budget.arms(1) == default                               # batch 1 runs the configured tree, unpicked
+    assert budget.arms(2) == default                               # no pick for this size
+    assert budget.arms(5) == default == budget.arms(8)             # bucket 5–8, picked at 8: the configured tree
+    assert budget.arms(16) == [TREE, chain(1), None]
     run(budget, 4, {0: 50.0, 1: 80.0, 2: 60.0}, 12)
-    assert budget.arms(3) == [chain(3), chain(1), None]
+    assert budget.arms(3) == [TREE, chain(3), None]
     assert picked == [2, 8, 16, 4]                                 # once per bucket
-    assert set(budget.rates()[4]) == {"chain/d3", "chain/d1", "none"}
+    assert set(budget.rates()[4]) == {"dynamic/d6/k4/24", "chain/d3", "none"}
 
 
 def run(budget: TreeBudget, batch: int, rates: dict[int, float], steps: int) -> list[int]:

@@ -1,15 +1,16 @@
 """The per-step tree budget under load: which tree the rows of a batch draft, chosen from measured throughput.
 
 A batched step costs one target forward over every row's tree; c(k) grows with the total node count, so a tree that
-pays at batch 1 can lose at batch 16. The budget tries three arms per batch-size bucket — the bucket's tree, a
+pays at batch 1 can lose at batch 16. The budget tries three arms per batch-size bucket — the configured tree, a
 smaller tree (half the depth and nodes), and no drafting at all (each row verifies its root alone: plain
 decoding) — and keeps, for each, an exponential moving average of the tokens per second that steps with that arm
 delivered (tokens emitted by all rows ÷ the step's wall time, drafting included). After a few steps of each, it
 runs the best arm and re-tries the others every `explore_every` steps, so a change of acceptance or load is
-noticed. The schedule is deterministic given the measurements. The bucket's tree is the configured one, or, with
-`pick` (`--tree auto`: `runtime.tree_picker`), the tree the cost model expects to run fastest at the bucket's batch
-size (`autotree.choose_tree(batch=B)`: shallower and with a higher `min_prob` as the batch grows, since a wider
-forward leaves less for drafted nodes to win back), picked the first time the bucket is seen.
+noticed. The schedule is deterministic given the measurements. With `pick` (`--tree auto`: `runtime.tree_picker`),
+the smaller arm is instead the tree the cost model expects to run fastest at the bucket's batch size
+(`autotree.choose_tree(batch=B)`: shallower and with a higher `min_prob` as the batch grows, since a wider forward
+leaves less for drafted nodes to win back), picked the first time the bucket is seen; the configured tree stays an
+arm, because the model's pick alone measured slower (docs/engine.md).
 
 Answers about to end. A step can only gain from drafting if the answer goes on for at least two more tokens (one
 token is what the step emits anyway), and a row's first drafting step also pays the drafter's catch-up over the
@@ -84,14 +85,13 @@ class TreeBudget:
         return reached == 0 or longer >= (FIRST_DRAFT_SHARE if first else DRAFT_SHARE) * reached
 
     def arms(self, batch: int) -> list[TreeConfig | None]:
-        """The arms of this batch size's bucket: its tree, a smaller one (if any) and None (no drafting)."""
+        """The arms of this batch size's bucket: the configured tree, the tree picked for the bucket (else, or if it
+        is the same, a smaller one, if any) and None (no drafting)."""
         group = bucket(batch)
         if group not in self._arms:
-            tree = (self.pick(group) if self.pick is not None and group > 1 else None) or self.tree
-            arms: list[TreeConfig | None] = [tree]
-            if smaller_tree(tree) != tree:
-                arms.append(smaller_tree(tree))
-            self._arms[group] = arms + [None]
+            picked = self.pick(group) if self.pick is not None and group > 1 else None
+            second = picked if picked not in (None, self.tree) else smaller_tree(self.tree)
+            self._arms[group] = [self.tree] + ([second] if second != self.tree else []) + [None]
         return self._arms[group]
 
     def choose(self, batch: int) -> int:

@@ -17,6 +17,7 @@ of the entry's token, M-RoPE included). Decode-time entries are text and continu
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -87,6 +88,9 @@ class FeatureDrafter(Drafter):
     def begin(self, target, prefill, first_token: int) -> FeatureDraftState:
         if prefill.input_ids.shape[0] != 1:
             raise ValueError(f"{self.drafter_type} decodes batch 1")
+        used = set(self.feature_layers())       # the deferred prompt keeps only these hidden states alive
+        prefill = dataclasses.replace(prefill, hidden_states=tuple(
+            states if layer in used else None for layer, states in enumerate(prefill.hidden_states)))
         return FeatureDraftState(root=first_token, cache=self.decoder.new_decode_cache(),
                                  prompt=lambda: self.prompt_entries(prefill, first_token))
 
