@@ -59,7 +59,7 @@ class TreeBudget:
 
     def __init__(self, tree: TreeConfig, explore_every: int = 16,
                  pick: Callable[[int], TreeConfig | None] | None = None):
-        """`pick(batch)`: the tree to start from at that batch size (None, or no `pick`: `tree`)."""
+        """`pick(batch)`: the tree to try beside `tree` at that batch size (None, or no `pick`: half of `tree`)."""
         self.tree = tree
         self.pick = pick
         self.explore_every = explore_every

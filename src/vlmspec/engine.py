@@ -333,8 +333,8 @@ class Generator:
 
     def __init__(self, target: Target, drafter: Drafter | None = None, tree: TreeConfig | None = None,
                  pick_tree: Callable[[int], TreeConfig | None] | None = None):
-        """`pick_tree(batch)`: the tree to start from at that batch size under load (`TreeBudget`'s `pick`; None:
-        `tree` at every size)."""
+        """`pick_tree(batch)`: the tree the budget tries beside `tree` at that batch size under load (`TreeBudget`'s
+        `pick`; None: half of `tree`)."""
         self.target = target
         self.drafter = drafter
         self.tree = tree or TreeConfig()

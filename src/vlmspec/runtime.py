@@ -128,8 +128,9 @@ def resolve_tree(spec: str | None, target: Target, name: str, drafter: Drafter |
 
 def tree_picker(spec: str | None, target: Target, name: str,
                 drafter: Drafter | None) -> Callable[[int], TreeConfig | None] | None:
-    """Under `--tree auto` (the default for a checkpoint): the tree to start from at batch size B under load, the
-    auto tree re-picked for B (`auto_tree(batch=B)`, None without a profile); None for any other `--tree`."""
+    """Under `--tree auto` (the default for a checkpoint): the tree the engine's budget tries at batch size B beside
+    the batch-1 tree, the auto tree re-picked for B (`auto_tree(batch=B)`, None without a profile); None for any
+    other `--tree`."""
     if drafter is None or (spec or "auto") != "auto":
         return None
     return lambda batch: auto_tree(target, name, drafter, batch)
