@@ -1,14 +1,15 @@
 """Write each shipped drafter's acceptance profile (what `--tree auto` reads) from one bench of all of them.
 
     vlmspec bench --drafters none,testbed:eagle,testbed:eagle3,testbed:msd,testbed:vispec,testbed:flash,testbed:lumen \
-      --trees "kind=chain,depth=8;kind=dynamic,depth=1,topk=2,total=2;kind=dynamic,depth=1,topk=4,total=4;kind=dynamic,depth=1,topk=8,total=8;kind=dynamic,depth=4,topk=4,total=16" \
+      --trees "kind=chain,depth=8;kind=dynamic,depth=1,topk=2,total=2;kind=dynamic,depth=1,topk=4,total=4;\
+kind=dynamic,depth=1,topk=8,total=8;kind=dynamic,depth=4,topk=4,total=16" \
       --suites describe,text_chat,caption,multi_image --limit 3 --max-new-tokens 96 --temperatures 0 --out rank-probe
     python scripts/acceptance_profiles.py rank-probe/summary.json "NOTE ON THE RUN"
 
 For each `testbed:<type>` arm in the summary, `autotree.profile_from_summary` reads acceptance by depth off the
 chain arm, by rank off the depth-1 top-k arms, and the draft cost ratios (per forward, per node) off every arm's
-steps; the result goes into
-`src/vlmspec/testbed/drafters/<type>/config.json` under `acceptance` (weights and the rest untouched).
+steps; the result goes into `src/vlmspec/testbed/drafters/<type>/config.json` under `acceptance` (weights and the
+rest untouched).
 """
 
 from __future__ import annotations

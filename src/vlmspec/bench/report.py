@@ -105,8 +105,8 @@ def render_markdown(summary: dict) -> str:
         "- **draft / verify**: shares of decode seconds spent drafting (c_draft, incl. tree building and the "
         "drafter's catch-up) and in the target's verify forward; **c_draft ms**: mean per verify step.",
         "- **divergence**: samples whose tokens differ from plain decoding's with the same seed (bf16 near-ties; "
-        "exactness is tested in fp32; blank for peers at T > 0). Peers (kind `peer`) run `model.generate`; their steps are not visible, so per-step "
-        "columns are –.", "",
+        "exactness is tested in fp32; blank for peers at T > 0). Peers (kind `peer`) run `model.generate`; their "
+        "steps are not visible, so per-step columns are –.", "",
         "Plots: " + ", ".join(f"![{p}]({p})" for p in PLOTS if p), "",
     ]
     return "\n".join(parts)
